@@ -1,0 +1,75 @@
+"""The self-contained checkpoint ``model.pt``: weights, configuration, preprocessing, thresholds, metrics.
+
+A checkpoint is data, never code: it is read with ``torch.load(weights_only=True)`` and anything
+that needs more (a pickle with code in it) is refused.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .errors import ModelFileError
+from .fileio import atomic_write_bytes
+from .model import STFPM
+
+FORMAT = "stfpm-edge/checkpoint/1"
+
+
+def save_checkpoint(path: str | Path, model: STFPM, meta: dict[str, Any]) -> None:
+    payload = {
+        "format": FORMAT,
+        "tool_version": __version__,
+        "teacher": {k: v.detach().cpu() for k, v in model.teacher.state_dict().items()},
+        "student": {k: v.detach().cpu() for k, v in model.student.state_dict().items()},
+        "meta": meta,
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelFileError(
+            f"{path}: cannot read it as a stfpm-edge checkpoint ({_short(exc)}). It may be truncated, "
+            "from another tool, or contain code, which is never loaded. Re-export it with stfpm-edge train."
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ModelFileError(f"{path}: not a stfpm-edge checkpoint (format {found!r}, expected {FORMAT!r})")
+    return payload
+
+
+def load_checkpoint(path: str | Path) -> tuple[STFPM, dict[str, Any]]:
+    """Rebuild the model from the checkpoint alone (no network, no weight package needed)."""
+    from . import backbones
+
+    payload = read_checkpoint(path)
+    meta = payload["meta"]
+    name = meta["backbone"]
+    teacher = backbones.create_features(name)
+    student = backbones.create_features(name)
+    try:
+        teacher.load_state_dict(payload["teacher"])
+        student.load_state_dict(payload["student"])
+    except RuntimeError as exc:
+        raise ModelFileError(f"{path}: weights do not fit backbone {name!r}: {_short(exc)}") from None
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    model = STFPM(name, teacher, student).eval().to(memory_format=torch.channels_last)
+    return model, meta
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {text[0] if text else ''}"[:300]

@@ -1,0 +1,142 @@
+"""The ``stfpm-edge`` command line. Thin on purpose: parse options, call the library, print results."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import StfpmError
+from .fileio import mask_secrets
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="STFPM anomaly detection: train on good images, export one ONNX graph, run it on a camera.",
+)
+
+
+def command(*args, **kwargs):
+    """Register a command whose user-facing errors print one line and exit 2, without a traceback."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*a, **kw):
+            try:
+                return fn(*a, **kw)
+            except StfpmError as exc:
+                typer.secho(f"error: {mask_secrets(str(exc))}", fg=typer.colors.RED, err=True)
+                raise typer.Exit(2) from None
+            except KeyboardInterrupt:
+                typer.secho("interrupted", err=True)
+                raise typer.Exit(130) from None
+
+        return app.command(*args, **kwargs)(run)
+
+    return wrap
+
+
+def _size(value: Optional[str]) -> tuple[Optional[int], Optional[int]]:
+    if value is None:
+        return None, None
+    try:
+        if "x" in value.lower():
+            h, w = value.lower().split("x")
+            return int(h), int(w)
+        return int(value), int(value)
+    except ValueError:
+        raise StfpmError(f"--size must be N or HxW (e.g. 256 or 256x512), got {value!r}") from None
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _print_metrics(m: dict) -> None:
+    typer.echo(
+        f"image AUROC {_fmt(m.get('image_auroc'))} | pixel AUROC {_fmt(m.get('pixel_auroc'))} | "
+        f"pixel F1 {_fmt(m.get('pixel_f1'))} | AUPRO@0.3 {_fmt(m.get('aupro'))} | "
+        f"image F1 @ threshold {_fmt(m.get('image_f1'))} (threshold {_fmt(m.get('threshold'))})"
+    )
+    for note in m.get("notes", []):
+        typer.echo(f"note: {note}")
+
+
+@command(help="Train a student on good images, keep the best-validation checkpoint, then evaluate it.")
+def train(
+    data: Optional[Path] = typer.Option(None, "--data", help="data set folder: MVTec AD layout (train/good, test/, ground_truth/) or good/ + <defect>/ + masks/"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of the options below (flags override it); see configs/"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run folder [default: runs/<data>-<backbone>-<time>]"),
+    epochs: Optional[int] = typer.Option(None, help="training epochs [default: 100]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="[default: 32]"),
+    lr: Optional[float] = typer.Option(None, help="SGD learning rate [default: 0.4]"),
+    momentum: Optional[float] = typer.Option(None, help="[default: 0.9]"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="[default: 1e-4]"),
+    backbone: Optional[str] = typer.Option(None, help="tf_efficientnet_lite0 (default, offline weights) or resnet18 (the paper's)"),
+    teacher_weights: Optional[Path] = typer.Option(None, "--teacher-weights", help="ImageNet state dict for the teacher (needed offline for resnet18)"),
+    size: Optional[str] = typer.Option(None, help="model input size, N or HxW, multiples of 16 [default: 256]"),
+    resize: Optional[str] = typer.Option(None, help="squash (paper; ignores aspect) or letterbox (keeps aspect, pads) [default: squash]"),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="share of good training images held out for validation and the threshold [default: 0.2]"),
+    threshold_quantile: Optional[float] = typer.Option(None, "--threshold-quantile", help="threshold = this quantile of held-out good scores [default: 0.99]"),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="random flips (turns the teacher-feature cache off) [default: off]"),
+    cache_teacher: Optional[bool] = typer.Option(None, "--cache-teacher/--no-cache-teacher", help="compute the frozen teacher once per image [default: on]"),
+    seed: Optional[int] = typer.Option(None, help="[default: 0]"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (0 = torch's default)"),
+    overlays: Optional[int] = typer.Option(None, help="heat-map overlays to save [default: 12]"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last finished epoch"),
+):
+    from .config import load_config
+    from .train import train as run_training
+
+    h, w = _size(size)
+    cfg = load_config(config, dict(
+        data=str(data) if data else None, out=str(out) if out else None, epochs=epochs, batch_size=batch_size, lr=lr,
+        momentum=momentum, weight_decay=weight_decay, backbone=backbone,
+        teacher_weights=str(teacher_weights) if teacher_weights else None, height=h, width=w, resize=resize,
+        val_fraction=val_fraction, threshold_quantile=threshold_quantile, augment=augment, cache_teacher=cache_teacher,
+        seed=seed, threads=threads, overlays=overlays))
+    run_dir, metrics = run_training(cfg, resume=resume)
+    _print_metrics(metrics)
+    typer.echo(f"seconds per epoch (median): {_fmt(metrics.get('seconds_per_epoch'))}")
+    typer.echo(f"run folder: {run_dir}  (model.pt, metrics.json, scores.csv, roc.png, overlays/)")
+
+
+@command("eval", help="Evaluate a model (.pt, .onnx, ...) on a data set's test split, at the model's own threshold.")
+def eval_cmd(
+    model: Path = typer.Argument(..., help="model.pt from train, or an exported .onnx"),
+    data: Path = typer.Option(..., "--data", help="data set folder (same layouts as train)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for metrics.json, scores.csv, roc.png, overlays/ [default: next to the model, eval-<data>]"),
+    overlays: int = typer.Option(12, help="heat-map overlays to save"),
+):
+    from .data import discover
+    from .engines import open_engine
+    from .evaluate import evaluate, write_outputs
+
+    with open_engine(model) as engine:
+        seed = (engine.meta.get("config") or {}).get("seed", 0)
+        dataset = discover(data, seed=seed)
+        result = evaluate(engine.infer, dataset.test, engine.geometry, engine.threshold)
+        out = out or model.parent / f"eval-{dataset.name}-{model.suffix.lstrip('.')}"
+        write_outputs(result, out, engine.geometry, engine.threshold, dataset, overlays, extra={"backbone": engine.meta.get("backbone"), "model": str(model), "engine": engine.name})
+    _print_metrics(result.metrics)
+    typer.echo(f"results: {out}")
+
+
+@command(help="Print the paper-style results table (Markdown) from run folders.")
+def table(run_dirs: List[Path] = typer.Argument(..., help="run folders (or their metrics.json)")):
+    from .report import load_run_metrics, results_table
+
+    typer.echo(results_table(load_run_metrics(run_dirs)), nl=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

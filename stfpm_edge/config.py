@@ -1,0 +1,78 @@
+"""Training configuration: dataclass defaults (the paper's), overridden by a YAML file, then by flags."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import StfpmError
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""
+    out: str | None = None
+    backbone: str = "tf_efficientnet_lite0"
+    teacher_weights: str | None = None
+    height: int = 256
+    width: int = 256
+    resize: str = "squash"
+    epochs: int = 100
+    batch_size: int = 32
+    lr: float = 0.4
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    val_fraction: float = 0.2
+    seed: int = 0
+    augment: bool = False
+    cache_teacher: bool = True
+    threshold_quantile: float = 0.99
+    threads: int = 0
+    overlays: int = 12
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    if value is None or default is None:
+        return value
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise StfpmError(f"config: {name} must be true or false, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise StfpmError(f"config: {name} must be {kind.__name__}, got {value!r}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    values: dict[str, Any] = {}
+    known = {f.name: f for f in fields(TrainConfig)}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise StfpmError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise StfpmError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise StfpmError(f"{path}: expected a mapping of option: value")
+        unknown = sorted(set(loaded) - set(known))
+        if unknown:
+            raise StfpmError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        values.update(loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    defaults = TrainConfig()
+    cfg = TrainConfig(**{k: _coerce(k, v, getattr(defaults, k)) for k, v in values.items()})
+    if not cfg.data:
+        raise StfpmError("no data set given: pass --data DIR (or data: in the --config file)")
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise StfpmError("epochs and batch size must be at least 1")
+    return cfg

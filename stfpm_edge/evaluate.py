@@ -1,0 +1,87 @@
+"""Evaluation of any engine on a data set's test split: scores, maps, metrics and report files."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .data import Dataset, Geometry, Sample, content_mask, load_images, load_masks
+from .fileio import atomic_write_json, atomic_write_text
+from .metrics import evaluate_scores
+from .thresholds import normalized_score
+
+InferFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def predict(infer: InferFn, images: np.ndarray, batch_size: int = 8, progress: bool = False, desc: str = "inferring"):
+    """Run ``infer`` over uint8 frames in batches -> (maps [N,H,W], scores [N])."""
+    maps, scores = [], []
+    starts = range(0, len(images), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="batch", leave=False)
+    for i in starts:
+        m, s = infer(images[i : i + batch_size])
+        maps.append(np.asarray(m, dtype=np.float32))
+        scores.append(np.asarray(s, dtype=np.float32))
+    if not maps:
+        return np.zeros((0,) + images.shape[1:3], np.float32), np.zeros(0, np.float32)
+    return np.concatenate(maps), np.concatenate(scores)
+
+
+@dataclass
+class EvalResult:
+    samples: list[Sample]
+    sizes: list[tuple[int, int]]
+    scores: np.ndarray
+    maps: np.ndarray
+    masks: np.ndarray
+    metrics: dict[str, Any]
+
+
+def evaluate(infer: InferFn, samples: list[Sample], geometry: Geometry, threshold: float | None, progress: bool = True) -> EvalResult:
+    if not samples:
+        metrics = evaluate_scores(np.zeros(0), np.zeros(0), None, None, None, None, threshold)
+        metrics["notes"].append("the data set has no test images")
+        return EvalResult([], [], np.zeros(0), np.zeros((0, geometry.height, geometry.width)), np.zeros((0, geometry.height, geometry.width)), metrics)
+    images, sizes = load_images(samples, geometry, progress=progress, desc="test images")
+    masks, has_mask = load_masks(samples, sizes, geometry)
+    maps, scores = predict(infer, images, progress=progress, desc="evaluating")
+    labels = np.array([s.label for s in samples])
+    valid = content_mask(geometry, sizes) if geometry.resize != "squash" else None
+    metrics = evaluate_scores(labels, scores, maps, masks, has_mask, valid, threshold)
+    return EvalResult(samples, sizes, scores, maps, masks, metrics)
+
+
+def scores_csv(result: EvalResult, threshold: float | None) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "defect", "label", "score", "normalized_score", "verdict"])
+    for s, score in zip(result.samples, result.scores):
+        if threshold is None:
+            norm, verdict = "", ""
+        else:
+            norm = f"{float(normalized_score(score, threshold)):.6f}"
+            verdict = "anomalous" if score > threshold else "good"
+        w.writerow([str(s.path), s.defect, s.label, f"{float(score):.8g}", norm, verdict])
+    return buf.getvalue()
+
+
+def write_outputs(result: EvalResult, out_dir: Path, geometry: Geometry, threshold: float | None, dataset: Dataset, n_overlays: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """metrics.json, scores.csv, roc.png and overlays/ in ``out_dir``; returns the metrics record."""
+    from . import report
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"category": dataset.name, "layout": dataset.layout, "data": str(dataset.root), **(extra or {}), **result.metrics}
+    atomic_write_text(out_dir / "scores.csv", scores_csv(result, threshold))
+    labels = np.array([s.label for s in result.samples])
+    report.roc_plot(labels, result.scores, out_dir / "roc.png", title=f"{dataset.name}: image ROC")
+    report.overlays(result, geometry, threshold, out_dir / "overlays", n_overlays)
+    atomic_write_json(out_dir / "metrics.json", record)
+    return record

@@ -1,0 +1,144 @@
+"""What a person looks at: ROC plots, heat-map overlays and the paper-style results table."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+import cv2
+import numpy as np
+
+from .data import Geometry, decode_image
+from .errors import StfpmError
+from .fileio import atomic_path, atomic_write_bytes
+from .metrics import image_roc
+from .thresholds import normalized_score
+
+MVTEC_CATEGORIES = (
+    "carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule",
+    "hazelnut", "metal_nut", "pill", "screw", "toothbrush", "transistor", "zipper",
+)
+
+
+def roc_plot(labels: np.ndarray, scores: np.ndarray, path: Path, title: str) -> bool:
+    curve = image_roc(labels, scores)
+    if curve is None:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import auc
+
+    fpr, tpr = curve
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
+    ax.plot(fpr, tpr, lw=2, label=f"AUROC = {auc(fpr, tpr):.4f}")
+    ax.plot([0, 1], [0, 1], ls="--", c="gray", lw=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return True
+
+
+def heat_overlay(image_bgr: np.ndarray, amap: np.ndarray, threshold: float | None, alpha: float = 0.45) -> np.ndarray:
+    """Blend a colour heat map (0.5 = threshold when known) over the image at the image's size."""
+    if threshold is not None:
+        norm = normalized_score(amap, threshold)
+    else:
+        lo, hi = float(amap.min()), float(amap.max())
+        norm = (amap - lo) / (hi - lo + 1e-12)
+    heat = cv2.applyColorMap((norm * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    return cv2.addWeighted(image_bgr, 1 - alpha, heat, alpha, 0)
+
+
+def annotate(img: np.ndarray, text: str, bad: bool | None) -> np.ndarray:
+    colour = (0, 0, 255) if bad else (0, 200, 0) if bad is not None else (255, 255, 255)
+    scale = max(0.4, img.shape[1] / 900)
+    thick = max(1, int(round(scale * 2)))
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+    cv2.rectangle(img, (0, 0), (tw + 10, th + base + 10), (0, 0, 0), -1)
+    cv2.putText(img, text, (5, th + 5), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thick, cv2.LINE_AA)
+    return img
+
+
+def _pick(samples, n: int) -> list[int]:
+    """Up to n indices spread round-robin over the defect types (good included)."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(samples):
+        groups[s.defect].append(i)
+    picked: list[int] = []
+    queues = [list(v) for _, v in sorted(groups.items())]
+    while len(picked) < n and any(queues):
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop(0))
+    return sorted(picked)
+
+
+def overlays(result, geometry: Geometry, threshold: float | None, out_dir: Path, n: int, max_side: int = 512) -> list[Path]:
+    written = []
+    for i in _pick(result.samples, n):
+        s = result.samples[i]
+        img = decode_image(s.path)
+        h, w = img.shape[:2]
+        amap = geometry.unfit_map(result.maps[i], h, w)
+        vis = heat_overlay(img, amap, threshold)
+        if s.mask_path is not None:
+            from .data import decode_mask
+
+            mask = decode_mask(s.mask_path)
+            if mask.shape == (h, w):
+                contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+                cv2.drawContours(vis, contours, -1, (0, 255, 0), max(1, w // 300))
+        scale = min(1.0, max_side / max(h, w))
+        if scale < 1.0:
+            vis = cv2.resize(vis, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+        score = float(result.scores[i])
+        bad = None if threshold is None else score > threshold
+        verdict = "" if bad is None else (" ANOMALOUS" if bad else " good")
+        annotate(vis, f"{s.defect} score {score:.4g}{verdict}", bad)
+        ok, png = cv2.imencode(".png", vis)
+        path = out_dir / f"{i:04d}_{s.defect}_{s.path.stem}.png"
+        atomic_write_bytes(path, png.tobytes())
+        written.append(path)
+    return written
+
+
+# ----------------------------------------------------------------------------------- results table
+def load_run_metrics(run_dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
+    records = []
+    for d in run_dirs:
+        d = Path(d)
+        f = d / "metrics.json" if d.is_dir() else d
+        if not f.is_file():
+            raise StfpmError(f"{d}: no metrics.json (is it a run folder of stfpm-edge train or eval?)")
+        try:
+            records.append(json.loads(f.read_text()))
+        except json.JSONDecodeError as exc:
+            raise StfpmError(f"{f}: not valid JSON ({exc})") from None
+    return records
+
+
+def results_table(records: list[dict[str, Any]]) -> str:
+    """The seed's tables: one row per metric, columns Avg + the 15 MVTec categories (+ any others)."""
+    by_cat: dict[str, dict[str, Any]] = {}
+    for r in records:
+        by_cat[r.get("category", "?")] = r  # a later run of the same category wins
+    extra = sorted(c for c in by_cat if c not in MVTEC_CATEGORIES)
+    cats = list(MVTEC_CATEGORIES) + extra
+    rows = [("Image AUC", "image_auroc"), ("Pixel AUC", "pixel_auroc"), ("Pixel F1", "pixel_f1"), ("AUPRO@0.3", "aupro")]
+    header = "| Metric | Avg | " + " | ".join(cats) + " |"
+    sep = "|" + "---|" * (len(cats) + 2)
+    lines = [header, sep]
+    for label, key in rows:
+        vals = [by_cat.get(c, {}).get(key) for c in cats]
+        present = [v for v in vals if v is not None]
+        avg = f"{100 * np.mean(present):.1f}" if present else ""
+        cells = [f"{100 * v:.1f}" if v is not None else "" for v in vals]
+        lines.append(f"| {label} | {avg} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

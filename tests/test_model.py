@@ -1,0 +1,71 @@
+"""The loss and the anomaly map against hand-computed tiny examples."""
+
+import numpy as np
+import pytest
+import torch
+
+from stfpm_edge.model import STFPM, anomaly_map, feature_distance, image_score, stfpm_loss
+
+
+def _feat(values):
+    # one image, channels given, 1x1 spatial
+    return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
+
+
+def test_feature_distance_by_hand():
+    # t = (3, 4) -> (0.6, 0.8); s = (1, 0) -> (1, 0); diff (-0.4, 0.8); 0.5 * (0.16 + 0.64) = 0.4
+    d = feature_distance(_feat([3, 4]), _feat([1, 0]))
+    assert d.shape == (1, 1, 1, 1)
+    assert d.item() == pytest.approx(0.4, abs=1e-7)
+    # scale invariance of the normalisation; identical directions give zero
+    assert feature_distance(_feat([3, 4]), _feat([30, 40])).item() == pytest.approx(0.0, abs=1e-7)
+    # opposite unit vectors: 0.5 * |2|^2 = 2
+    assert feature_distance(_feat([1, 0]), _feat([-5, 0])).item() == pytest.approx(2.0, abs=1e-6)
+
+
+def test_loss_is_mean_over_positions_and_batch_summed_over_levels():
+    # level 1: batch of two 1x2 maps with distances {0.4, 0} and {2, 0}: mean 0.6
+    t1 = torch.tensor([[[[3.0, 1.0]], [[4.0, 0.0]]], [[[1.0, 1.0]], [[0.0, 0.0]]]])  # [2, 2, 1, 2]
+    s1 = torch.tensor([[[[1.0, 2.0]], [[0.0, 0.0]]], [[[-1.0, 3.0]], [[0.0, 0.0]]]])
+    # level 2: distance 0.4 everywhere
+    t2 = torch.tensor([3.0, 4.0]).view(1, 2, 1, 1).expand(2, 2, 1, 1)
+    s2 = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1).expand(2, 2, 1, 1)
+    loss = stfpm_loss([t1, t2], [s1, s2])
+    assert loss.item() == pytest.approx(0.6 + 0.4, abs=1e-6)
+    # independent of batch size: duplicating the batch changes nothing
+    loss2 = stfpm_loss([torch.cat([t1, t1]), torch.cat([t2, t2])], [torch.cat([s1, s1]), torch.cat([s2, s2])])
+    assert loss2.item() == pytest.approx(loss.item(), abs=1e-6)
+
+
+def test_anomaly_map_upsamples_bilinearly_and_multiplies_levels():
+    # level 1: 1x2 distances (a, b) = (0.4, 2.0); bilinear, align_corners=False, to width 4:
+    # [a, 0.75a + 0.25b, 0.25a + 0.75b, b]
+    t1 = torch.tensor([[[[3.0, 1.0]], [[4.0, 0.0]]]])
+    s1 = torch.tensor([[[[1.0, -1.0]], [[0.0, 0.0]]]])
+    # level 2: constant 0.4 at 1x1
+    t2, s2 = _feat([3, 4]), _feat([1, 0])
+    amap = anomaly_map([t1, t2], [s1, s2], (1, 4))
+    a, b = 0.4, 2.0
+    expected = np.array([a, 0.75 * a + 0.25 * b, 0.25 * a + 0.75 * b, b]) * 0.4
+    np.testing.assert_allclose(amap.numpy().ravel(), expected, rtol=1e-6)
+    assert image_score(amap).item() == pytest.approx(expected.max(), rel=1e-6)
+
+
+def test_normalize_converts_bgr_uint8_to_normalised_rgb():
+    from stfpm_edge.backbones import create_features
+
+    model = STFPM("tf_efficientnet_lite0", create_features("tf_efficientnet_lite0"), create_features("tf_efficientnet_lite0"))
+    frame = np.zeros((1, 32, 32, 3), np.uint8)
+    frame[..., 0] = 255  # blue in BGR
+    x = model.normalize(torch.from_numpy(frame))
+    assert x.shape == (1, 3, 32, 32)
+    # mean = std = 0.5: blue=1.0 -> +1, red/green=0 -> -1; RGB order puts blue last
+    np.testing.assert_allclose(x[0, :, 0, 0].numpy(), [-1.0, -1.0, 1.0], atol=1e-6)
+
+
+def test_teacher_stays_frozen_in_train_mode():
+    from stfpm_edge.backbones import create_features
+
+    model = STFPM("tf_efficientnet_lite0", create_features("tf_efficientnet_lite0"), create_features("tf_efficientnet_lite0"))
+    model.train()
+    assert model.student.training and not model.teacher.training
