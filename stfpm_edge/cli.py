@@ -134,6 +134,97 @@ def table(run_dirs: List[Path] = typer.Argument(..., help="run folders (or their
     typer.echo(results_table(load_run_metrics(run_dirs)), nl=False)
 
 
+def _print_parity(report: dict) -> None:
+    ref = report["engines"][report["reference"]]["metrics"]
+    for name, e in report["engines"].items():
+        m = e["metrics"]
+        line = f"{name:>12}: image AUROC {_fmt(m.get('image_auroc'))} | pixel AUROC {_fmt(m.get('pixel_auroc'))} | AUPRO {_fmt(m.get('aupro'))}"
+        if "max_abs_map_diff" in e:
+            line += f" | max |dmap| {e['max_abs_map_diff']:.3g} | max |dscore| {e['max_abs_score_diff']:.3g}"
+            if e.get("delta_image_auroc") is not None:
+                line += f" | dAUROC img {100 * e['delta_image_auroc']:+.3f} pt, pix {100 * (e.get('delta_pixel_auroc') or 0):+.3f} pt"
+        typer.echo(line)
+    _ = ref
+
+
+@command(help="Export a checkpoint as ONE fused ONNX graph (uint8 BGR frames -> anomaly map, score) and verify it.")
+def export(
+    checkpoint: Path = typer.Argument(..., help="model.pt from stfpm-edge train"),
+    out: Optional[Path] = typer.Option(None, "--out", help="ONNX file to write [default: model.onnx beside the checkpoint]"),
+    batch: int = typer.Option(1, help="static batch size of the graph"),
+    dynamic: bool = typer.Option(False, "--dynamic", help="free batch dimension instead of a static one"),
+    precision: str = typer.Option("fp32", help="fp32, or fp16 (backbones in FP16, anomaly-map head in FP32)"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="check the graph and compare ONNX Runtime with the checkpoint on real images"),
+    data: Optional[Path] = typer.Option(None, "--data", help="data for verification [default: the checkpoint's training data]"),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="verify on at most this many test images"),
+):
+    from .export.onnx_export import export_onnx, parity_ok, sidecar_path, verify_export
+    from .fileio import atomic_write_json
+
+    out = out or checkpoint.with_name("model.onnx" if precision == "fp32" else f"model_{precision}.onnx")
+    info = export_onnx(checkpoint, out, batch=batch, dynamic=dynamic, precision=precision)
+    typer.echo(f"wrote {out} ({info['precision']}, batch {info['batch']}, opset {info['opset']}) and {sidecar_path(out).name}")
+    if not verify:
+        typer.echo("verification skipped (--no-verify)")
+        return
+    report = verify_export(out, checkpoint, data, max_images)
+    _print_parity(report)
+    ok, problems = parity_ok(report) if precision == "fp32" else (True, [])
+    report["parity_ok"] = ok
+    atomic_write_json(out.with_name(out.name + ".verify.json"), report)
+    if not ok:
+        out.rename(out.with_name(out.name + ".failed"))
+        raise StfpmError("parity check failed: " + "; ".join(problems) + f". The graph was renamed to {out.name}.failed")
+    typer.echo("parity: OK" if precision == "fp32" else "fidelity report written (see deltas above)")
+
+
+@command("verify", help="Check an exported ONNX graph against its checkpoint on real images.")
+def verify_cmd(
+    onnx_file: Path = typer.Argument(..., help="exported .onnx"),
+    checkpoint: Path = typer.Argument(..., help="the model.pt it came from"),
+    data: Optional[Path] = typer.Option(None, "--data"),
+    max_images: Optional[int] = typer.Option(None, "--max-images"),
+):
+    from .export.onnx_export import parity_ok, verify_export
+
+    report = verify_export(onnx_file, checkpoint, data, max_images)
+    _print_parity(report)
+    if report.get("precision") == "fp32":
+        ok, problems = parity_ok(report)
+        if not ok:
+            raise StfpmError("parity check failed: " + "; ".join(problems))
+        typer.echo("parity: OK")
+
+
+@command(help="Make an INT8 (explicit Q/DQ) variant of an FP32 export, calibrated on good images, and report its fidelity.")
+def calibrate(
+    onnx_file: Path = typer.Argument(..., help="FP32 model.onnx from stfpm-edge export"),
+    out: Optional[Path] = typer.Option(None, "--out", help="[default: model_int8.onnx (tensorrt) or model_int8_cpu.onnx beside it]"),
+    data: Optional[Path] = typer.Option(None, "--data", help="data set whose good training images calibrate [default: the model's training data]"),
+    images: int = typer.Option(64, help="calibration images"),
+    target: str = typer.Option("tensorrt", help="tensorrt (symmetric INT8, zero point 0) or cpu (uint8 activations for ONNX Runtime on x86)"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="compare with the FP32 graph on the test images"),
+    max_images: Optional[int] = typer.Option(None, "--max-images"),
+):
+    from .calib import calibrate_int8
+    from .data import discover
+    from .engines.ort_engine import OrtEngine
+    from .evaluate import compare_engines
+    from .fileio import atomic_write_json
+
+    out = out or onnx_file.with_name("model_int8.onnx" if target == "tensorrt" else "model_int8_cpu.onnx")
+    meta = calibrate_int8(onnx_file, out, data, images, target)
+    typer.echo(f"wrote {out} (INT8 QDQ for {target}, {meta['int8']['calibration_images']} calibration images, {meta['int8']['kept_fp32_nodes']} head nodes kept in FP32)")
+    if not verify:
+        return
+    with OrtEngine(onnx_file) as fp32, OrtEngine(out) as int8:
+        ds = discover(data or meta["int8"]["calibration_data"])
+        samples = ds.test[:max_images] if max_images else ds.test
+        report = compare_engines({"fp32": fp32.infer, "int8": int8.infer}, samples, fp32.geometry, fp32.threshold, "fp32")
+    _print_parity(report)
+    atomic_write_json(out.with_name(out.name + ".verify.json"), report)
+
+
 def main() -> None:
     app()
 

@@ -85,3 +85,32 @@ def write_outputs(result: EvalResult, out_dir: Path, geometry: Geometry, thresho
     report.overlays(result, geometry, threshold, out_dir / "overlays", n_overlays)
     atomic_write_json(out_dir / "metrics.json", record)
     return record
+
+
+def compare_engines(engines: dict[str, InferFn], samples: list[Sample], geometry: Geometry, threshold: float | None, reference: str, progress: bool = True) -> dict[str, Any]:
+    """Run several engines on the same test images; metrics for each and differences to ``reference``."""
+    images, sizes = load_images(samples, geometry, progress=progress, desc="test images")
+    masks, has_mask = load_masks(samples, sizes, geometry)
+    labels = np.array([s.label for s in samples])
+    valid = content_mask(geometry, sizes) if geometry.resize != "squash" else None
+    outputs, report = {}, {"n_images": len(samples), "reference": reference, "engines": {}}
+    for name, infer in engines.items():
+        maps, scores = predict(infer, images, progress=progress, desc=name)
+        outputs[name] = (maps, scores)
+        report["engines"][name] = {"metrics": evaluate_scores(labels, scores, maps, masks, has_mask, valid, threshold)}
+    ref_maps, ref_scores = outputs[reference]
+    ref_metrics = report["engines"][reference]["metrics"]
+    for name, (maps, scores) in outputs.items():
+        if name == reference:
+            continue
+        entry = report["engines"][name]
+        entry["max_abs_map_diff"] = float(np.abs(maps - ref_maps).max())
+        entry["max_abs_score_diff"] = float(np.abs(scores - ref_scores).max())
+        entry["max_rel_score_diff"] = float((np.abs(scores - ref_scores) / np.maximum(np.abs(ref_scores), 1e-12)).max())
+        if threshold is not None:
+            entry["verdict_flips"] = int(((scores > threshold) != (ref_scores > threshold)).sum())
+        for key in ("image_auroc", "pixel_auroc", "pixel_f1", "aupro"):
+            a, b = entry["metrics"].get(key), ref_metrics.get(key)
+            entry[f"delta_{key}"] = None if a is None or b is None else a - b
+    report["map_range"] = [float(ref_maps.min()), float(ref_maps.max())]
+    return report

@@ -83,7 +83,12 @@ class STFPM(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.normalize(frames)
-        t, s = self.features(x)
+        # Backbones may run in FP16 (the FP16 export); the head (normalise, squared difference,
+        # upsample, product) always runs in FP32, where squared sums cannot overflow.
+        dtype = next(self.student.parameters()).dtype
+        t, s = self.features(x if dtype == torch.float32 else x.to(dtype))
+        if dtype != torch.float32:
+            t, s = [f.float() for f in t], [f.float() for f in s]
         amap = anomaly_map(t, s, (x.shape[-2], x.shape[-1]))
         return amap, image_score(amap)
 

@@ -172,7 +172,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> tupl
         "threshold": {"image": threshold, "rule": f"quantile {cfg.threshold_quantile} of held-out good image scores", "quantile": cfg.threshold_quantile},
         "normal_stats": {"image_scores": normal_statistics(val_scores), "pixel_max": float(val_maps.max())},
         "config": cfg.to_dict(),
-        "dataset": {"name": dataset.name, "layout": dataset.layout, "n_train": len(train_s), "n_val": len(val_s), "n_test": len(dataset.test)},
+        "dataset": {"name": dataset.name, "layout": dataset.layout, "root": str(dataset.root), "n_train": len(train_s), "n_val": len(val_s), "n_test": len(dataset.test)},
         "training": {"epochs": cfg.epochs, "best_epoch": best_epoch + 1, "best_val_loss": best_loss, "history": history,
                       "seconds_per_epoch": float(np.median(epoch_seconds)) if epoch_seconds else None},
         "tool_version": __version__,

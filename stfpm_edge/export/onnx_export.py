@@ -1,0 +1,153 @@
+"""The fused ONNX graph: uint8 BGR frames in; anomaly map, raw score and normalised score out.
+
+Teacher, student, preprocessing (cast, BGR->RGB, mean/std) and the anomaly map are one graph,
+exported from ``model.STFPM`` itself, so the deployed map is the trained map by construction.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import __version__
+from ..checkpoint import load_checkpoint
+from ..errors import StfpmError
+from ..fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from ..model import STFPM
+
+OPSET = 17  # the ceiling of TensorRT 8.6 (JetPack 5 / 6.0)
+INPUT = "frames"
+OUTPUTS = ("anomaly_map", "score", "normalized_score")
+META_KEY = "stfpm_edge"
+PRECISIONS = ("fp32", "fp16")
+
+
+class Deployable(nn.Module):
+    """STFPM plus the normalised score (0.5 at the operating threshold), for a camera-side consumer."""
+
+    def __init__(self, model: STFPM, threshold: float):
+        super().__init__()
+        self.model = model
+        self.threshold = float(threshold)
+
+    def forward(self, frames: torch.Tensor):
+        amap, score = self.model(frames)
+        return amap, score, torch.clamp(score * (0.5 / self.threshold), 0.0, 1.0)
+
+
+def sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def is_head_node(name: str) -> bool:
+    """Nodes outside the two backbones: preprocessing and the anomaly-map head (kept in FP32)."""
+    return not (name.startswith("/model/teacher/") or name.startswith("/model/student/"))
+
+
+def deploy_metadata(meta: dict[str, Any], checkpoint: Path, precision: str, batch: int | None) -> dict[str, Any]:
+    keep = ("backbone", "geometry", "input", "normalization", "threshold", "normal_stats", "dataset")
+    out = {k: meta[k] for k in keep if k in meta}
+    out.update({
+        "format": "stfpm-edge/onnx/1",
+        "precision": precision,
+        "batch": batch if batch is not None else "dynamic",
+        "opset": OPSET,
+        "outputs": {"anomaly_map": "float32 [N,1,H,W]", "score": "float32 [N] raw", "normalized_score": "float32 [N], 0.5 = threshold"},
+        "source_checkpoint": {"path": str(checkpoint), "sha256": sha256_file(checkpoint)},
+        "checkpoint_metrics": {k: (meta.get("metrics") or {}).get(k) for k in ("image_auroc", "pixel_auroc", "pixel_f1", "aupro")},
+        "tool_version": __version__,
+    })
+    return out
+
+
+def save_onnx(proto, path: Path, meta: dict[str, Any]) -> None:
+    """Write the model with its metadata in ``metadata_props`` and a JSON sidecar, both atomically."""
+    import onnx
+
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = META_KEY, json.dumps(meta)
+    onnx.checker.check_model(proto)
+    atomic_write_bytes(path, proto.SerializeToString())
+    atomic_write_json(sidecar_path(path), {**meta, "onnx_sha256": sha256_file(path)})
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path, batch: int = 1, dynamic: bool = False, precision: str = "fp32") -> dict[str, Any]:
+    """Export the fused graph; returns its metadata. ``dynamic`` makes the batch dimension free."""
+    import onnx
+
+    if precision not in PRECISIONS:
+        raise StfpmError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)} (INT8 comes from `stfpm-edge calibrate`)")
+    if batch < 1:
+        raise StfpmError("--batch must be at least 1")
+    checkpoint, out = Path(checkpoint), Path(out)
+    model, meta = load_checkpoint(checkpoint)
+    if (meta.get("threshold") or {}).get("image") is None:
+        raise StfpmError(f"{checkpoint}: has no threshold; train it with stfpm-edge train")
+    model = model.to(memory_format=torch.contiguous_format)
+    if precision == "fp16":
+        model.teacher.half()
+        model.student.half()
+    geo = meta["geometry"]
+    dummy = torch.zeros(batch, geo["height"], geo["width"], 3, dtype=torch.uint8)
+    axes = {name: {0: "batch"} for name in (INPUT, *OUTPUTS)} if dynamic else None
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # The TorchScript exporter gives plain opset-17 graphs with named module scopes, which
+        # the INT8 step uses to keep the head in FP32.
+        torch.onnx.export(Deployable(model, meta["threshold"]["image"]).eval(), (dummy,), buf, dynamo=False,
+                          opset_version=OPSET, input_names=[INPUT], output_names=list(OUTPUTS), dynamic_axes=axes,
+                          do_constant_folding=True)
+    proto = onnx.load_from_string(buf.getvalue())
+    info = deploy_metadata(meta, checkpoint, precision, None if dynamic else batch)
+    save_onnx(proto, out, info)
+    return info
+
+
+def verify_export(onnx_path: str | Path, checkpoint: str | Path, data: str | Path | None = None, max_images: int | None = None, threads: int = 0, progress: bool = True) -> dict[str, Any]:
+    """ONNX checker, then ONNX Runtime against the PyTorch checkpoint on real test images."""
+    import onnx
+
+    from ..data import discover
+    from ..engines.ort_engine import OrtEngine
+    from ..engines.torch_engine import TorchEngine
+    from ..evaluate import compare_engines
+
+    onnx_path, checkpoint = Path(onnx_path), Path(checkpoint)
+    onnx.checker.check_model(str(onnx_path))
+    with TorchEngine(checkpoint) as ref, OrtEngine(onnx_path, threads=threads) as ort_engine:
+        if ort_engine.meta.get("source_checkpoint", {}).get("sha256") != sha256_file(checkpoint):
+            raise StfpmError(f"{onnx_path} was not exported from {checkpoint} (checkpoint hash differs)")
+        data = data or (ref.meta.get("config") or {}).get("data")
+        if not data or not Path(data).is_dir():
+            raise StfpmError(f"no test data to verify on: pass --data DIR (the checkpoint's data {data!r} is not here)")
+        ds = discover(data, seed=(ref.meta.get("config") or {}).get("seed", 0))
+        samples = ds.test or ds.train
+        if max_images and len(samples) > max_images:  # evenly spaced, so every defect type is represented
+            samples = [samples[i] for i in np.unique(np.linspace(0, len(samples) - 1, max_images).round().astype(int))]
+        report = compare_engines({"torch": ref.infer, "onnxruntime": ort_engine.infer}, samples, ref.geometry, ref.threshold, "torch", progress)
+    report["onnx"] = str(onnx_path)
+    report["precision"] = ort_engine.meta.get("precision")
+    return report
+
+
+def parity_ok(report: dict[str, Any], engine: str = "onnxruntime", auroc_tol: float = 1e-4, map_rtol: float = 1e-4) -> tuple[bool, list[str]]:
+    """FP32 parity: maps equal to ``map_rtol`` of their range, AUROCs equal to ``auroc_tol``."""
+    e = report["engines"][engine]
+    problems = []
+    span = max(abs(report["map_range"][0]), abs(report["map_range"][1]), 1e-12)
+    if e["max_abs_map_diff"] > map_rtol * span:
+        problems.append(f"max |map difference| {e['max_abs_map_diff']:.3g} exceeds {map_rtol:g} of the map range {span:.3g}")
+    for key in ("delta_image_auroc", "delta_pixel_auroc"):
+        d = e.get(key)
+        if d is not None and abs(d) > auroc_tol:
+            problems.append(f"{key[6:]} differs by {d:+.2e} (tolerance {auroc_tol:g})")
+    return not problems, problems
