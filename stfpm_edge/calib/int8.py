@@ -76,7 +76,7 @@ def calibrate_int8(onnx_fp32: str | Path, out: str | Path, data: str | Path | No
         pre = Path(tmp) / "pre.onnx"
         quant = Path(tmp) / "int8.onnx"
         # shape inference only: graph optimisation would rename the nodes we keep in FP32
-        quant_pre_process(str(onnx_fp32), str(pre), skip_optimization=True)
+        quant_pre_process(str(onnx_fp32), str(pre), skip_optimization=True, skip_symbolic_shape=True)
         head = [n.name for n in onnx.load(str(pre)).graph.node if is_head_node(n.name)]
         symmetric = target == "tensorrt"
         quantize_static(
