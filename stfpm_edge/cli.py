@@ -225,6 +225,60 @@ def calibrate(
     atomic_write_json(out.with_name(out.name + ".verify.json"), report)
 
 
+@command(help="Latency (per stage, p50/p90/p99/max) and throughput, backend against backend, interleaved.")
+def bench(
+    models: List[Path] = typer.Argument(..., help=".pt (gives torch-reference and torch-fused), .onnx (ONNX Runtime, any precision), .engine (TensorRT)"),
+    backend: Optional[List[str]] = typer.Option(None, "--backend", help="only these backends (name or prefix, repeatable), e.g. torch-reference, onnxruntime-fp32"),
+    batch: str = typer.Option("1", help="batch sizes, comma separated, e.g. 1,4,8"),
+    iters: int = typer.Option(50, help="timed iterations per backend and batch size"),
+    warmup: int = typer.Option(5, help="untimed iterations first"),
+    threads: int = typer.Option(0, help="CPU threads for torch and ONNX Runtime (0 = their defaults)"),
+    image: Optional[Path] = typer.Option(None, "--image", help="source frame to use (any size) [default: a generated frame at model size]"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write all results and the machine description as JSON"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write a latency histogram PNG"),
+):
+    from .bench import histogram_plot, machine_info, markdown_table, open_backends, run_benchmark
+    from .data import decode_image
+    from .fileio import atomic_write_json
+
+    try:
+        sizes = [int(b) for b in batch.split(",") if b.strip()]
+    except ValueError:
+        raise StfpmError(f"--batch must be comma-separated integers, got {batch!r}") from None
+    if not sizes or min(sizes) < 1 or iters < 1 or warmup < 0:
+        raise StfpmError("batch sizes and --iters must be at least 1")
+    backends = open_backends(models, backend, threads)
+    try:
+        geo = backends[0].geometry
+        if image is not None:
+            frame = decode_image(image)
+        else:
+            from .synthetic import texture
+            import numpy as np
+
+            frame = texture(np.random.default_rng(0), geo.height, geo.width)
+        results = run_benchmark(backends, [frame], sizes, iters, warmup)
+    finally:
+        for b in backends:
+            b.close()
+    results["machine"] = machine_info(threads)
+    results["setup"] = {"models": [str(m) for m in models], "source_frame": list(frame.shape), "model_size": [geo.height, geo.width], "iters": iters, "warmup": warmup}
+    table = markdown_table(results)
+    typer.echo(table, nl=False)
+    cpu = results["machine"]["cpu"]
+    best = max((e for t in results["batches"].values() for e in t.values() if e.get("gflops_per_s")), key=lambda e: e["gflops_per_s"], default=None)
+    if best and cpu.get("peak_gflops"):
+        typer.echo(f"fastest backend reaches {best['gflops_per_s']:.1f} GFLOP/s = {100 * best['gflops_per_s'] / cpu['peak_gflops']:.1f}% of the CPU's FP32 peak "
+                   f"({cpu['peak_gflops']:.0f} GFLOP/s: {cpu['derivation']})")
+    if json_out:
+        results["markdown"] = table
+        atomic_write_json(json_out, results)
+        typer.echo(f"wrote {json_out}")
+    if plot:
+        histogram_plot(results, plot)
+        typer.echo(f"wrote {plot}")
+
+
 def main() -> None:
     app()
 

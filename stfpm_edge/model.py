@@ -98,3 +98,13 @@ def _frozen(m: nn.Module) -> nn.Module:
     for p in m.parameters():
         p.requires_grad_(False)
     return m
+
+
+def flops_per_frame(model: STFPM, height: int, width: int) -> float:
+    """Floating-point operations for one frame (a multiply-add counts 2), by PyTorch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, height, width, 3, dtype=torch.uint8)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(x)
+    return float(counter.get_total_flops())

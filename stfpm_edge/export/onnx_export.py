@@ -20,7 +20,7 @@ from .. import __version__
 from ..checkpoint import load_checkpoint
 from ..errors import StfpmError
 from ..fileio import atomic_write_bytes, atomic_write_json, sha256_file
-from ..model import STFPM
+from ..model import STFPM, flops_per_frame
 
 OPSET = 17  # the ceiling of TensorRT 8.6 (JetPack 5 / 6.0)
 INPUT = "frames"
@@ -92,10 +92,11 @@ def export_onnx(checkpoint: str | Path, out: str | Path, batch: int = 1, dynamic
     if (meta.get("threshold") or {}).get("image") is None:
         raise StfpmError(f"{checkpoint}: has no threshold; train it with stfpm-edge train")
     model = model.to(memory_format=torch.contiguous_format)
+    geo = meta["geometry"]
+    flops = flops_per_frame(model, geo["height"], geo["width"])
     if precision == "fp16":
         model.teacher.half()
         model.student.half()
-    geo = meta["geometry"]
     dummy = torch.zeros(batch, geo["height"], geo["width"], 3, dtype=torch.uint8)
     axes = {name: {0: "batch"} for name in (INPUT, *OUTPUTS)} if dynamic else None
     buf = io.BytesIO()
@@ -108,6 +109,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, batch: int = 1, dynamic
                           do_constant_folding=True)
     proto = onnx.load_from_string(buf.getvalue())
     info = deploy_metadata(meta, checkpoint, precision, None if dynamic else batch)
+    info["flops_per_frame"] = flops
     save_onnx(proto, out, info)
     return info
 

@@ -1,0 +1,274 @@
+"""Latency and throughput, per stage, backend against backend (``stfpm-edge bench``).
+
+Stages per batch of camera frames:
+  preprocess   source frames -> model input (resize; the reference also normalises in NumPy)
+  inference    model input -> anomaly maps and scores
+  postprocess  normalised score, verdict, and the map resized back onto the source frame
+Backends run interleaved, one batch each in rotating order, so that drift on a noisy machine hits
+all of them alike; ratios are taken against the PyTorch reference (two networks, then the map in
+Python, the way reference implementations run STFPM).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .data import Geometry
+from .errors import BackendUnavailable, StfpmError
+from .thresholds import normalized_score
+
+STAGES = ("preprocess", "inference", "postprocess")
+
+
+def percentiles(samples_ms: list[float] | np.ndarray) -> dict[str, float]:
+    a = np.asarray(samples_ms, dtype=np.float64)
+    if a.size == 0:
+        raise StfpmError("no samples to summarise")
+    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)),
+            "max": float(a.max()), "mean": float(a.mean()), "n": int(a.size)}
+
+
+def interleaved_order(names: list[str], iteration: int) -> list[str]:
+    """Rotate the backend order each iteration: every backend runs first, second, ... equally often."""
+    k = iteration % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
+@dataclass
+class Backend:
+    name: str
+    geometry: Geometry
+    threshold: float
+    preprocess: Callable[[list[np.ndarray]], Any]
+    infer: Callable[[Any], tuple[np.ndarray, np.ndarray]]
+    flops_per_frame: float | None = None
+    close: Callable[[], None] = lambda: None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def postprocess(self, maps: np.ndarray, scores: np.ndarray, src_shape: tuple[int, int]):
+        norm = normalized_score(scores, self.threshold)
+        verdicts = scores > self.threshold
+        full = [self.geometry.unfit_map(m, *src_shape) for m in maps]
+        return norm, verdicts, full
+
+
+def _fit_batch(geometry: Geometry, frames: list[np.ndarray]) -> np.ndarray:
+    return np.stack([geometry.fit_image(f)[0] for f in frames])
+
+
+def reference_backend(path: Path, threads: int) -> Backend:
+    """Two networks, then the anomaly map in Python: how reference implementations run STFPM."""
+    import torch
+    import torch.nn.functional as F
+
+    from .checkpoint import load_checkpoint
+    from .model import flops_per_frame
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    model, meta = load_checkpoint(path)
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    geo = Geometry(**meta["geometry"])
+    mean = np.array(meta["normalization"]["mean"], np.float32)
+    std = np.array(meta["normalization"]["std"], np.float32)
+
+    def preprocess(frames):
+        out = []
+        for f in frames:
+            rgb = geo.fit_image(f)[0][:, :, ::-1].astype(np.float32) / 255.0
+            out.append(((rgb - mean) / std).transpose(2, 0, 1))
+        return torch.from_numpy(np.ascontiguousarray(np.stack(out)))
+
+    def infer(x):
+        with torch.no_grad():
+            t_feats = model.teacher(x)
+            s_feats = model.student(x)
+            amap = torch.ones(x.shape[0], 1, geo.height, geo.width)
+            for t, s in zip(t_feats, s_feats):
+                d = 0.5 * (F.normalize(t, dim=1) - F.normalize(s, dim=1)) ** 2
+                amap = amap * F.interpolate(d.sum(1, keepdim=True), size=(geo.height, geo.width), mode="bilinear", align_corners=False)
+            maps = amap[:, 0].numpy()
+        return maps, maps.reshape(len(maps), -1).max(axis=1)
+
+    return Backend("torch-reference", geo, meta["threshold"]["image"], preprocess, infer, flops_per_frame(model, geo.height, geo.width))
+
+
+def engine_backend(path: Path, threads: int, name: str | None = None) -> Backend:
+    from .engines import open_engine
+
+    suffix = path.suffix.lower()
+    options = {"threads": threads} if suffix == ".onnx" else {}
+    engine = open_engine(path, **options)
+    meta = engine.meta
+    if name is None:
+        precision = meta.get("precision", "fp32")
+        target = (meta.get("int8") or {}).get("target")
+        name = f"{engine.name}-{precision}" + (f"-{target}" if target else "")
+    flops = meta.get("flops_per_frame")
+    if flops is None and engine.name == "torch":
+        from .model import flops_per_frame
+
+        flops = flops_per_frame(engine.model, engine.geometry.height, engine.geometry.width)
+    geo = engine.geometry
+    return Backend(name, geo, engine.threshold, lambda frames: _fit_batch(geo, frames), engine.infer, flops, engine.close,
+                   {"file": str(path), "engine": engine.name})
+
+
+def open_backends(models: list[Path], wanted: list[str] | None, threads: int) -> list[Backend]:
+    backends: list[Backend] = []
+    for path in models:
+        path = Path(path)
+        if not path.is_file():
+            raise StfpmError(f"{path}: model file not found")
+        suffix = path.suffix.lower()
+        if suffix == ".pt":
+            backends.append(reference_backend(path, threads))
+            backends.append(engine_backend(path, threads, "torch-fused"))
+        elif suffix in (".engine", ".plan"):
+            try:
+                import tensorrt  # noqa: F401
+            except ImportError:
+                raise BackendUnavailable(f"{path}: TensorRT is not installed here; install the [tensorrt] extra on a machine with an NVIDIA GPU") from None
+            backends.append(engine_backend(path, threads))
+        else:
+            backends.append(engine_backend(path, threads))
+    if wanted:
+        names = [b.name for b in backends]
+        missing = [w for w in wanted if not any(n == w or n.startswith(w) for n in names)]
+        if missing:
+            raise BackendUnavailable(f"backend(s) {', '.join(missing)} not available from the given models; available: {', '.join(names)}")
+        backends = [b for b in backends if any(b.name == w or b.name.startswith(w) for w in wanted)]
+    geos = {(b.geometry.height, b.geometry.width) for b in backends}
+    if len(geos) > 1:
+        raise StfpmError(f"models have different input sizes {sorted(geos)}; compare models of one size")
+    return backends
+
+
+def run_benchmark(backends: list[Backend], frames: list[np.ndarray], batch_sizes: list[int], iters: int, warmup: int, progress: bool = True) -> dict[str, Any]:
+    """Interleaved per-stage timing. Returns per backend and batch size: stage stats, total, FPS, ratios."""
+    from tqdm import tqdm
+
+    results: dict[str, Any] = {"batches": {}}
+    src_shape = frames[0].shape[:2]
+    by_name = {b.name: b for b in backends}
+    names = list(by_name)
+    for bs in batch_sizes:
+        batch = [frames[i % len(frames)] for i in range(bs)]
+        samples = {n: {s: [] for s in (*STAGES, "total")} for n in names}
+        for it in tqdm(range(warmup + iters), desc=f"batch {bs}", unit="iter", disable=not progress, leave=False):
+            for name in interleaved_order(names, it):
+                b = by_name[name]
+                t0 = time.perf_counter()
+                x = b.preprocess(batch)
+                t1 = time.perf_counter()
+                maps, scores = b.infer(x)
+                t2 = time.perf_counter()
+                b.postprocess(maps, scores, src_shape)
+                t3 = time.perf_counter()
+                if it >= warmup:
+                    for stage, dt in zip((*STAGES, "total"), (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+                        samples[name][stage].append(dt * 1e3)
+        table = {}
+        for name in names:
+            st = {s: percentiles(v) for s, v in samples[name].items()}
+            fps = bs * len(samples[name]["total"]) / (sum(samples[name]["total"]) / 1e3)
+            flops = by_name[name].flops_per_frame
+            entry = {"stages": st, "fps": fps, "latency_ms_per_frame_p50": st["total"]["p50"] / bs, "raw_total_ms": samples[name]["total"]}
+            if flops:
+                entry["gflops_per_s"] = flops * bs / (st["inference"]["p50"] / 1e3) / 1e9
+            table[name] = entry
+        ref = table.get("torch-reference")
+        for entry in table.values():
+            entry["speedup_vs_reference"] = entry["fps"] / ref["fps"] if ref else None
+        results["batches"][str(bs)] = table
+    results["flops_per_frame"] = {b.name: b.flops_per_frame for b in backends}
+    return results
+
+
+def cpu_peak_gflops() -> dict[str, Any]:
+    """Theoretical FP32 peak of the cores we may use: cores x clock x FLOPs per cycle (from ISA flags)."""
+    info = {"model": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+    flags, mhz, vendor = set(), None, ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name":
+                info["model"] = value.strip()
+            elif key == "flags" and not flags:
+                flags = set(value.split())
+            elif key == "cpu MHz" and mhz is None:
+                mhz = float(value)
+            elif key == "vendor_id":
+                vendor = value.strip()
+    except OSError:
+        pass
+    if "avx512f" in flags:
+        # Intel server cores: two 512-bit FMA units (64 FLOP/cycle); AMD Zen 4 runs AVX-512 on
+        # 256-bit units (32 FLOP/cycle)
+        per_cycle = 32 if vendor == "AuthenticAMD" else 64
+    elif "avx2" in flags and "fma" in flags:
+        per_cycle = 32
+    elif "avx" in flags:
+        per_cycle = 16
+    else:
+        per_cycle = 8
+    info.update({"vendor": vendor, "mhz": mhz, "fp32_flops_per_cycle_per_core": per_cycle})
+    if mhz:
+        info["peak_gflops"] = info["cores"] * mhz * 1e6 * per_cycle / 1e9
+        info["derivation"] = f"{info['cores']} cores x {mhz:.0f} MHz x {per_cycle} FP32 FLOP/cycle (FMA width from the CPU flags)"
+    return info
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    import sys
+
+    info: dict[str, Any] = {"cpu": cpu_peak_gflops(), "threads": threads, "python": platform.python_version(), "platform": platform.platform()}
+    for mod in ("onnxruntime", "torch", "tensorrt"):
+        if mod in sys.modules:
+            info[f"{mod}_version"] = getattr(sys.modules[mod], "__version__", "?")
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    lines = ["| backend | batch | preprocess p50 ms | inference p50 / p99 ms | postprocess p50 ms | total p50 / p99 ms | frames/s | x reference | GFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for bs, table in results["batches"].items():
+        for name, e in table.items():
+            st = e["stages"]
+            ratio = f"{e['speedup_vs_reference']:.2f}" if e.get("speedup_vs_reference") else ""
+            gf = f"{e['gflops_per_s']:.1f}" if e.get("gflops_per_s") else ""
+            lines.append(f"| {name} | {bs} | {st['preprocess']['p50']:.2f} | {st['inference']['p50']:.2f} / {st['inference']['p99']:.2f} | "
+                         f"{st['postprocess']['p50']:.2f} | {st['total']['p50']:.2f} / {st['total']['p99']:.2f} | {e['fps']:.1f} | {ratio} | {gf} |")
+    return "\n".join(lines) + "\n"
+
+
+def histogram_plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .fileio import atomic_path
+
+    batches = list(results["batches"])
+    fig, axes = plt.subplots(len(batches), 1, figsize=(7, 3 * len(batches)), dpi=110, squeeze=False)
+    for ax, bs in zip(axes[:, 0], batches):
+        for name, e in results["batches"][bs].items():
+            ax.hist(e["raw_total_ms"], bins=40, alpha=0.55, label=f"{name} (p50 {e['stages']['total']['p50']:.1f} ms)")
+        ax.set(xlabel="latency per batch, ms (preprocess + inference + postprocess)", ylabel="count", title=f"batch {bs}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

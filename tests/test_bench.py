@@ -1,0 +1,64 @@
+"""Benchmark statistics, interleaving, JSON output and unavailable backends."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from stfpm_edge.bench import interleaved_order, percentiles
+from stfpm_edge.cli import app
+from stfpm_edge.errors import BackendUnavailable
+
+runner = CliRunner()
+
+
+def test_percentiles_on_known_samples():
+    st = percentiles(list(range(1, 101)))  # 1..100
+    assert st["p50"] == pytest.approx(50.5)
+    assert st["p90"] == pytest.approx(90.1)
+    assert st["p99"] == pytest.approx(99.01)
+    assert st["max"] == 100 and st["n"] == 100 and st["mean"] == pytest.approx(50.5)
+
+
+def test_interleaving_puts_every_backend_in_every_slot():
+    names = ["a", "b", "c"]
+    orders = [interleaved_order(names, i) for i in range(6)]
+    assert orders[:3] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    for slot in range(3):
+        assert sorted(o[slot] for o in orders) == ["a", "a", "b", "b", "c", "c"]
+
+
+def test_bench_cli_json_schema_and_ratios(tiny_run, tmp_path):
+    from stfpm_edge.export.onnx_export import export_onnx
+
+    run_dir, _ = tiny_run
+    onnx_path = tmp_path / "m.onnx"
+    export_onnx(run_dir / "model.pt", onnx_path)
+    out = tmp_path / "bench.json"
+    res = runner.invoke(app, ["bench", str(run_dir / "model.pt"), str(onnx_path), "--iters", "3", "--warmup", "1", "--batch", "1,2",
+                              "--json", str(out), "--plot", str(tmp_path / "h.png")])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert set(data["batches"]) == {"1", "2"}
+    for table in data["batches"].values():
+        assert set(table) == {"torch-reference", "torch-fused", "onnxruntime-fp32"}
+        assert table["torch-reference"]["speedup_vs_reference"] == pytest.approx(1.0)
+        for e in table.values():
+            assert set(e["stages"]) == {"preprocess", "inference", "postprocess", "total"}
+            assert e["stages"]["total"]["n"] == 3 and e["fps"] > 0 and e["gflops_per_s"] > 0
+            assert e["stages"]["total"]["p50"] >= e["stages"]["inference"]["p50"]
+    assert data["flops_per_frame"]["onnxruntime-fp32"] == pytest.approx(data["flops_per_frame"]["torch-fused"])
+    assert data["machine"]["cpu"]["cores"] >= 1 and "onnxruntime_version" in data["machine"]
+    assert (tmp_path / "h.png").stat().st_size > 0
+    assert "| torch-reference | 1 |" in res.output
+
+
+def test_unavailable_backend_is_a_clear_error(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    res = runner.invoke(app, ["bench", str(run_dir / "model.pt"), "--backend", "tensorrt-fp16", "--iters", "1"])
+    assert res.exit_code == 2 and "tensorrt-fp16" in res.output and "available:" in res.output
+    fake_engine = tmp_path / "m.engine"
+    fake_engine.write_bytes(b"x")
+    res = runner.invoke(app, ["bench", str(fake_engine)])
+    assert res.exit_code == 2 and "TensorRT" in res.output and "Traceback" not in res.output
