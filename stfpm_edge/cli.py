@@ -279,6 +279,73 @@ def bench(
         typer.echo(f"wrote {plot}")
 
 
+def _roi(value: Optional[str]):
+    if value is None:
+        return None
+    try:
+        x, y, w, h = (int(v) for v in value.split(","))
+    except ValueError:
+        raise StfpmError(f"--roi must be x,y,w,h in source pixels, got {value!r}") from None
+    return x, y, w, h
+
+
+@command(help="Inspect a camera stream, video, URL, GStreamer pipeline, image folder or glob in real time.")
+def run(
+    model: Path = typer.Argument(..., help=".pt, .onnx or .engine"),
+    source: str = typer.Option(..., "--source", help="camera index (0), video file, rtsp://... or http://..., a GStreamer pipeline (contains '!'), an image folder or a glob"),
+    out: Path = typer.Option(Path("runs/inspect"), "--out", help="folder for frames.jsonl, summary.json, anomalies/, video"),
+    roi: Optional[str] = typer.Option(None, help="x,y,w,h crop of the source frame before resizing to the model size"),
+    save_video: Optional[Path] = typer.Option(None, "--save-video", help="write the annotated stream to this .mp4"),
+    save_anomalies: bool = typer.Option(True, "--save-anomalies/--no-save-anomalies", help="save anomalous frames and their heat maps"),
+    show: bool = typer.Option(False, "--show", help="open a window (q quits)"),
+    max_frames: Optional[int] = typer.Option(None, "--max-frames", help="stop after this many frames"),
+    threads: int = typer.Option(0, help="CPU threads for ONNX Runtime (0 = default)"),
+    line_scan: bool = typer.Option(False, "--line-scan", help="the source delivers rows of a moving web: tile, inspect, stitch"),
+    scale: float = typer.Option(1.0, help="line-scan: source pixels per model pixel (1 = native resolution)"),
+    overlap: float = typer.Option(0.5, help="line-scan: overlap of neighbouring tiles, a fraction of the tile"),
+    mm_per_row: Optional[float] = typer.Option(None, "--mm-per-row", help="line-scan: web travel per row, to report positions in mm"),
+    build_if_stale: bool = typer.Option(False, "--build-if-stale", help="TensorRT: rebuild an engine whose sidecar no longer matches"),
+):
+    import signal
+    import threading
+
+    from .engines import open_engine
+    from .stream.sources import open_source
+
+    options = {"threads": threads} if model.suffix.lower() == ".onnx" else {}
+    if build_if_stale and model.suffix.lower() in (".engine", ".plan"):
+        options["build_if_stale"] = True
+    if not model.is_file():
+        raise StfpmError(f"{model}: model file not found")
+    src = open_source(source)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if line_scan:
+            from .stream.linescan import LineScanOptions, run_linescan
+
+            summary = run_linescan(lambda: open_engine(model, **options), src, LineScanOptions(out, scale=scale, overlap=overlap, mm_per_row=mm_per_row), stop)
+            typer.echo(f"rows {summary['rows_received']} | tiles {summary['tiles_inspected']} | rows uninspected {summary['rows_uninspected']} | "
+                       f"{summary['rows_per_s']:.0f} rows/s | defects {len(summary['defects'])}")
+            for d in summary["defects"]:
+                typer.echo(f"  defect at row {d['row']}, column {d['col']}" + (f" ({d['position_mm']:.1f} mm)" if "position_mm" in d else "") + f", score {d['score']:.4g}")
+        else:
+            from .stream.pipeline import RunOptions, run_stream
+
+            opts = RunOptions(out, roi=_roi(roi), save_video=save_video, save_anomalies=save_anomalies, show=show, max_frames=max_frames)
+            summary = run_stream(lambda: open_engine(model, **options), src, opts, stop, progress=True)
+            lat = summary["latency_ms"]
+            typer.echo(f"frames read {summary['frames_read']} | inspected {summary['frames_inspected']} | dropped {summary['frames_dropped']} | "
+                       f"failed {summary['frames_failed']} | anomalous {summary['frames_anomalous']} | {summary['fps']:.1f} FPS")
+            for stage in ("preprocess", "inference", "output", "end_to_end"):
+                if stage in lat:
+                    typer.echo(f"  {stage:>11}: p50 {lat[stage]['p50']:.1f} ms, p99 {lat[stage]['p99']:.1f} ms")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    typer.echo(f"results: {out}")
+
+
 def main() -> None:
     app()
 

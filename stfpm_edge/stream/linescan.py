@@ -1,0 +1,211 @@
+"""Line-scan inspection: rows of a moving web arrive a few at a time; overlapping tiles are inspected.
+
+Rows go into a rolling buffer. Tiles of ``scale`` x model size (source pixels) are cut with
+``overlap`` (a fraction of the tile) between neighbours, down the web and across it, so every row
+is inspected at least once and a defect smaller than the overlap that straddles a tile boundary
+lies whole inside a neighbouring tile. The tail of the web gets a last tile aligned to its end.
+Detections are placed on the web (row, column; millimetres with ``mm_per_row``), merged across
+overlapping tiles, and a stitched heat strip of the whole web is saved.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+
+from ..fileio import atomic_write_bytes, atomic_write_json
+from ..render import heat_overlay
+from ..thresholds import normalized_score
+from .pipeline import BlockingQueue, Counters, JsonlWriter, RunOptions, _capture, _END
+from .sources import Source
+
+
+@dataclass
+class LineScanOptions:
+    out_dir: Path
+    scale: float = 1.0  # source pixels per model pixel (1 = native resolution)
+    overlap: float = 0.5  # fraction of a tile shared with its neighbour, down and across the web
+    mm_per_row: float | None = None
+    strip_downsample: int = 4  # the saved heat strip is this many times smaller than the web
+    max_strip_rows: int = 100_000
+
+
+def tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    """Start offsets covering [0, length) with tiles of ``tile``; the last one is aligned to the end."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile + 1, stride))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+class Tiler:
+    """Cuts overlapping tiles from rows pushed in arbitrary chunks."""
+
+    def __init__(self, tile_h: int, tile_w: int, overlap: float):
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        self.tile_h, self.tile_w = tile_h, tile_w
+        self.stride_y = max(1, round(tile_h * (1 - overlap)))
+        self.stride_x = max(1, round(tile_w * (1 - overlap)))
+        self.width: int | None = None
+        self.total = 0  # rows received
+        self.buf = np.zeros((0, 0, 3), np.uint8)
+        self.buf_start = 0  # web row of buf[0]
+        self.next_y = 0
+        self.covered_to = 0  # rows [0, covered_to) are in some emitted tile
+
+    def _cut(self, y0: int, y1: int) -> list[tuple[int, int, np.ndarray]]:
+        band = self.buf[y0 - self.buf_start : y1 - self.buf_start]
+        xs = tile_starts(self.width, self.tile_w, self.stride_x)
+        tiles = [(y0, x, band[:, x : x + min(self.tile_w, self.width)]) for x in xs]
+        self.covered_to = max(self.covered_to, y1)
+        return tiles
+
+    def push(self, rows: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
+        if rows.ndim == 2:
+            rows = cv2.cvtColor(rows, cv2.COLOR_GRAY2BGR)
+        if self.width is None:
+            self.width = rows.shape[1]
+            self.buf = np.zeros((0, self.width, 3), np.uint8)
+        elif rows.shape[1] != self.width:
+            raise ValueError(f"line width changed from {self.width} to {rows.shape[1]} pixels")
+        self.buf = np.concatenate([self.buf, rows])
+        self.total += len(rows)
+        out = []
+        while self.next_y + self.tile_h <= self.total:
+            out += self._cut(self.next_y, self.next_y + self.tile_h)
+            self.next_y += self.stride_y
+        # rows no future tile needs; the last tile_h rows stay for the end-aligned tail tile
+        drop = max(0, min(self.next_y, self.total - self.tile_h)) - self.buf_start
+        if drop > 0:
+            self.buf = self.buf[drop:]
+            self.buf_start += drop
+        return out
+
+    def finish(self) -> list[tuple[int, int, np.ndarray]]:
+        if self.total == 0 or self.covered_to >= self.total:
+            return []
+        return self._cut(max(0, self.total - self.tile_h), self.total)
+
+
+def merge_detections(dets: list[dict], radius_rows: float, radius_cols: float) -> list[dict]:
+    """One detection per defect: those closer than the radii are merged, keeping the highest score."""
+    merged: list[dict] = []
+    for d in sorted(dets, key=lambda d: -d["score"]):
+        if not any(abs(d["row"] - m["row"]) < radius_rows and abs(d["col"] - m["col"]) < radius_cols for m in merged):
+            merged.append(dict(d))
+    return sorted(merged, key=lambda d: d["row"])
+
+
+def run_linescan(engine_factory: Callable[[], Any], source: Source, opts: LineScanOptions, stop=None) -> dict[str, Any]:
+    import threading
+
+    stop = stop or threading.Event()
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    counters = Counters()
+    slot = BlockingQueue()  # a web is never dropped: every row must be inspected
+    events: list = []
+    writer = JsonlWriter(opts.out_dir / "tiles.jsonl")
+    detections: list[dict] = []
+    t_start = time.perf_counter()
+    with engine_factory() as engine:
+        geo, thr = engine.geometry, engine.threshold
+        tile_h, tile_w = round(geo.height * opts.scale), round(geo.width * opts.scale)
+        tiler = Tiler(tile_h, tile_w, opts.overlap)
+        ds = max(1, opts.strip_downsample)
+        strip_img: list[np.ndarray] = []
+        strip_map = np.zeros((0, 0), np.float32)
+        coverage = np.zeros(0, np.int32)
+        n_tiles = 0
+
+        def inspect(tiles) -> None:
+            nonlocal strip_map, coverage, n_tiles
+            for y0, x0, tile in tiles:
+                t0 = time.perf_counter()
+                fitted, _ = geo.fit_image(tile)
+                maps, scores = engine.infer(fitted)
+                t1 = time.perf_counter()
+                score = float(scores[0])
+                th, tw = tile.shape[:2]
+                tmap = geo.unfit_map(maps[0], th, tw)
+                if len(coverage) < y0 + th:
+                    coverage = np.concatenate([coverage, np.zeros(y0 + th - len(coverage), np.int32)])
+                coverage[y0 : y0 + th] += 1
+                # stitched strip (downsampled), max over overlapping tiles
+                sy0, sy1, sx0 = y0 // ds, (y0 + th) // ds, x0 // ds
+                if sy1 <= opts.max_strip_rows // ds:
+                    need = sy1 - strip_map.shape[0]
+                    width = (tiler.width + ds - 1) // ds
+                    if strip_map.shape[1] != width:
+                        strip_map = np.zeros((strip_map.shape[0], width), np.float32)
+                    if need > 0:
+                        strip_map = np.concatenate([strip_map, np.zeros((need, width), np.float32)])
+                    small = cv2.resize(tmap, (max(1, tw // ds), max(1, sy1 - sy0)), interpolation=cv2.INTER_AREA)
+                    region = strip_map[sy0 : sy0 + small.shape[0], sx0 : sx0 + small.shape[1]]
+                    np.maximum(region, small[: region.shape[0], : region.shape[1]], out=region)
+                bad = score > thr
+                record = {"tile": n_tiles, "row0": y0, "col0": x0, "rows": th, "cols": tw, "score": score,
+                          "normalized_score": float(normalized_score(score, thr)), "verdict": "anomalous" if bad else "good",
+                          "latency_ms": {"inference": round((t1 - t0) * 1e3, 3)}}
+                if bad:
+                    r, c = np.unravel_index(int(np.argmax(tmap)), tmap.shape)
+                    det = {"row": int(y0 + r), "col": int(x0 + c), "score": score, "tile": n_tiles}
+                    if opts.mm_per_row:
+                        det["position_mm"] = det["row"] * opts.mm_per_row
+                    detections.append(det)
+                    record["peak"] = det
+                writer.write(record)
+                counters.latency["inference"].append((t1 - t0) * 1e3)
+                counters.inspected += 1
+                n_tiles += 1
+
+        cap = threading.Thread(target=_capture, args=(source, slot, counters, RunOptions(opts.out_dir), stop, events), name="capture", daemon=True)
+        cap.start()
+        try:
+            while True:
+                item = slot.get()
+                if item is _END:
+                    break
+                frame, _ = item
+                if frame.image is None:
+                    counters.failed += 1
+                    writer.write({"event": "failed_rows", "frame": frame.index, "error": frame.error})
+                    continue
+                if tiler.total < opts.max_strip_rows:  # keep every ds-th web row (by global row index)
+                    strip_img.append(frame.image[(-tiler.total) % ds :: ds, ::ds])
+                inspect(tiler.push(frame.image))
+            inspect(tiler.finish())
+        finally:
+            stop.set()
+            cap.join()
+            source.close()
+    defects = merge_detections(detections, tile_h / 2, tile_w / 2)
+    for d in defects:
+        writer.write({"event": "defect", **d})
+    writer.close()
+    wall = time.perf_counter() - t_start
+    uninspected = int((coverage[: tiler.total] == 0).sum()) + max(0, tiler.total - len(coverage))
+    summary = {
+        "rows_received": tiler.total, "web_width": tiler.width, "tile": [tile_h, tile_w], "overlap": opts.overlap,
+        "tiles_inspected": n_tiles, "rows_uninspected": uninspected, "chunks_read": counters.read, "chunks_failed": counters.failed,
+        "defects": defects, "wall_s": wall, "rows_per_s": tiler.total / wall if wall > 0 else 0.0,
+        "tile_latency_ms_p50": float(np.percentile(counters.latency["inference"], 50)) if n_tiles else None,
+        "source": source.describe(),
+    }
+    if strip_img and strip_map.size:
+        web = np.concatenate(strip_img)[: strip_map.shape[0]]
+        heat = heat_overlay(web, cv2.resize(strip_map, (web.shape[1], web.shape[0])), thr)
+        for d in defects:
+            cv2.circle(heat, (d["col"] // ds, d["row"] // ds), max(6, tile_w // ds // 4), (255, 255, 255), 2)
+        atomic_write_bytes(opts.out_dir / "heat_strip.png", cv2.imencode(".png", heat)[1].tobytes())
+        summary["heat_strip"] = str(opts.out_dir / "heat_strip.png")
+    atomic_write_json(opts.out_dir / "summary.json", summary)
+    return summary
