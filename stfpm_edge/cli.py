@@ -346,6 +346,19 @@ def run(
     typer.echo(f"results: {out}")
 
 
+@command(help="The whole job on GENERATED data: train briefly, export, run a video and a line-scan web, write a report.")
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="folder for everything the demo writes"),
+    epochs: int = typer.Option(40, help="training epochs"),
+    size: int = typer.Option(128, help="model input size (square); generated images are twice as large"),
+    frames: int = typer.Option(300, help="frames in the generated video"),
+    web_rows: int = typer.Option(3200, "--web-rows", help="rows of the generated line-scan web"),
+):
+    from .demo import run_demo
+
+    run_demo(out, epochs=epochs, size=size, n_frames=frames, web_rows=web_rows)
+
+
 def main() -> None:
     app()
 

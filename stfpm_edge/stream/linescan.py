@@ -96,6 +96,28 @@ class Tiler:
         return self._cut(max(0, self.total - self.tile_h), self.total)
 
 
+def tile_detections(tmap: np.ndarray, threshold: float, margin: int, inner_sides: tuple[bool, bool, bool, bool]) -> list[tuple[int, int, float]]:
+    """Peaks (row, col, value) of the connected regions of a tile's map above ``threshold``.
+
+    A peak within ``margin`` pixels of a tile side that has a neighbouring tile beyond it
+    (``inner_sides``: top, bottom, left, right) is left to that neighbour, which sees it away from
+    its border: feature maps near an image border are less reliable, and with the overlap every
+    web position lies at least ``margin`` inside some tile.
+    """
+    mask = (tmap > threshold).astype(np.uint8)
+    n, labels = cv2.connectedComponents(mask, connectivity=8)
+    h, w = tmap.shape
+    out = []
+    for k in range(1, n):
+        vals = np.where(labels == k, tmap, -np.inf)
+        r, c = np.unravel_index(int(np.argmax(vals)), vals.shape)
+        top, bottom, left, right = inner_sides
+        if (top and r < margin) or (bottom and r >= h - margin) or (left and c < margin) or (right and c >= w - margin):
+            continue
+        out.append((int(r), int(c), float(tmap[r, c])))
+    return out
+
+
 def merge_detections(dets: list[dict], radius_rows: float, radius_cols: float) -> list[dict]:
     """One detection per defect: those closer than the radii are merged, keeping the highest score."""
     merged: list[dict] = []
@@ -125,6 +147,9 @@ def run_linescan(engine_factory: Callable[[], Any], source: Source, opts: LineSc
         strip_map = np.zeros((0, 0), np.float32)
         coverage = np.zeros(0, np.int32)
         n_tiles = 0
+        finishing = False
+        # with overlap o, every web position lies at least o * tile / 4 inside some tile
+        margin = int(min(tile_h, tile_w) * opts.overlap / 4)
 
         def inspect(tiles) -> None:
             nonlocal strip_map, coverage, n_tiles
@@ -156,12 +181,13 @@ def run_linescan(engine_factory: Callable[[], Any], source: Source, opts: LineSc
                           "normalized_score": float(normalized_score(score, thr)), "verdict": "anomalous" if bad else "good",
                           "latency_ms": {"inference": round((t1 - t0) * 1e3, 3)}}
                 if bad:
-                    r, c = np.unravel_index(int(np.argmax(tmap)), tmap.shape)
-                    det = {"row": int(y0 + r), "col": int(x0 + c), "score": score, "tile": n_tiles}
-                    if opts.mm_per_row:
-                        det["position_mm"] = det["row"] * opts.mm_per_row
-                    detections.append(det)
-                    record["peak"] = det
+                    found = tile_detections(tmap, thr, margin, (y0 > 0, y0 + th < tiler.total or not finishing, x0 > 0, x0 + tw < tiler.width))
+                    for r, c, peak in found:
+                        det = {"row": int(y0 + r), "col": int(x0 + c), "score": peak, "tile": n_tiles}
+                        if opts.mm_per_row:
+                            det["position_mm"] = det["row"] * opts.mm_per_row
+                        detections.append(det)
+                    record["peaks"] = [{"row": int(y0 + r), "col": int(x0 + c), "score": p} for r, c, p in found]
                 writer.write(record)
                 counters.latency["inference"].append((t1 - t0) * 1e3)
                 counters.inspected += 1
@@ -182,12 +208,13 @@ def run_linescan(engine_factory: Callable[[], Any], source: Source, opts: LineSc
                 if tiler.total < opts.max_strip_rows:  # keep every ds-th web row (by global row index)
                     strip_img.append(frame.image[(-tiler.total) % ds :: ds, ::ds])
                 inspect(tiler.push(frame.image))
+            finishing = True
             inspect(tiler.finish())
         finally:
             stop.set()
             cap.join()
             source.close()
-    defects = merge_detections(detections, tile_h / 2, tile_w / 2)
+    defects = merge_detections(detections, tile_h / 4, tile_w / 4)
     for d in defects:
         writer.write({"event": "defect", **d})
     writer.close()
