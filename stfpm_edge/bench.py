@@ -51,6 +51,7 @@ class Backend:
     flops_per_frame: float | None = None
     close: Callable[[], None] = lambda: None
     info: dict[str, Any] = field(default_factory=dict)
+    device_timings: Callable[[], dict[str, float]] | None = None  # GPU engines: CUDA-event times of the last call
 
     def postprocess(self, maps: np.ndarray, scores: np.ndarray, src_shape: tuple[int, int]):
         norm = normalized_score(scores, self.threshold)
@@ -117,8 +118,9 @@ def engine_backend(path: Path, threads: int, name: str | None = None) -> Backend
 
         flops = flops_per_frame(engine.model, engine.geometry.height, engine.geometry.width)
     geo = engine.geometry
+    timings = (lambda: engine.last_timings_ms) if hasattr(engine, "last_timings_ms") else None
     return Backend(name, geo, engine.threshold, lambda frames: _fit_batch(geo, frames), engine.infer, flops, engine.close,
-                   {"file": str(path), "engine": engine.name})
+                   {"file": str(path), "engine": engine.name}, timings)
 
 
 def open_backends(models: list[Path], wanted: list[str] | None, threads: int) -> list[Backend]:
@@ -175,6 +177,9 @@ def run_benchmark(backends: list[Backend], frames: list[np.ndarray], batch_sizes
                 if it >= warmup:
                     for stage, dt in zip((*STAGES, "total"), (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
                         samples[name][stage].append(dt * 1e3)
+                    if b.device_timings is not None:  # host-to-device, compute, device-to-host (CUDA events)
+                        for stage, ms in b.device_timings().items():
+                            samples[name].setdefault(f"gpu_{stage}", []).append(ms)
         table = {}
         for name in names:
             st = {s: percentiles(v) for s, v in samples[name].items()}

@@ -359,6 +359,21 @@ def demo(
     run_demo(out, epochs=epochs, size=size, n_frames=frames, web_rows=web_rows)
 
 
+@command(help="Build a TensorRT engine (and its JSON sidecar) from an exported ONNX graph, on the target GPU.")
+def build(
+    onnx_file: Path = typer.Argument(..., help="model.onnx (fp32 / fp16 on TensorRT 8.6 and 10), model_fp16.onnx (fp16 on 11), model_int8.onnx (int8)"),
+    precision: str = typer.Option("fp16", help="fp16, int8 or fp32"),
+    workspace: int = typer.Option(1024, help="builder workspace, MB"),
+    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="reuse and update this timing cache file (faster rebuilds)"),
+    dla_core: Optional[int] = typer.Option(None, "--dla-core", help="build for this DLA core (Jetson AGX/NX), GPU fallback on"),
+    out: Path = typer.Option(Path("engines"), "--out", help="folder for the engine and its sidecar"),
+):
+    from .engines.trt_build import BuildOptions, build_engine
+
+    path, side = build_engine(onnx_file, out, BuildOptions(precision, workspace, str(timing_cache) if timing_cache else None, dla_core))
+    typer.echo(f"wrote {path} (TensorRT {side['tensorrt_version']}, {side['gpu']['name']} sm {side['gpu']['compute_capability']}, {precision}) and {path.name}.json")
+
+
 def main() -> None:
     app()
 

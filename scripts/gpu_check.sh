@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Every GPU check in one command (under 5 minutes on a machine with TensorRT, pycuda and the package
+# installed): the gpu-marked tests, then engines built and benchmarked against ONNX Runtime.
+#   scripts/gpu_check.sh [model.pt]      (default: a short training on ../shared/data/mvtec/bottle)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+OUT=${OUT:-gpu_check_out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv || true
+$PY -c "import tensorrt, pycuda.driver as c; c.init(); print('TensorRT', tensorrt.__version__, '|', c.Device(0).name())"
+MODEL=${1:-}
+if [ -z "$MODEL" ]; then
+  $PY -m stfpm_edge.cli train --data ../shared/data/mvtec/bottle --epochs 10 --out "$OUT/run" --overlays 0
+  MODEL="$OUT/run/model.pt"
+fi
+STFPM_GPU_MODEL="$MODEL" $PY -m pytest -m gpu -s -q tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
+$PY -m stfpm_edge.cli export "$MODEL" --out "$OUT/model.onnx" --no-verify
+$PY -m stfpm_edge.cli export "$MODEL" --out "$OUT/model_fp16.onnx" --precision fp16 --no-verify
+$PY -m stfpm_edge.cli calibrate "$OUT/model.onnx" --out "$OUT/model_int8.onnx" --data ../shared/data/mvtec/bottle --no-verify
+WEAK=$($PY -c "import tensorrt as t; print(int(hasattr(t.BuilderFlag, 'FP16')))")
+FP16_SRC="$OUT/model.onnx"; [ "$WEAK" = 1 ] || FP16_SRC="$OUT/model_fp16.onnx"
+$PY -m stfpm_edge.cli build "$FP16_SRC" --precision fp16 --out "$OUT/engines"
+$PY -m stfpm_edge.cli build "$OUT/model_int8.onnx" --precision int8 --out "$OUT/engines"
+$PY -m stfpm_edge.cli bench "$OUT/model.onnx" "$OUT"/engines/*.engine --batch 1,8 --iters 200 --warmup 20 \
+  --image ../shared/data/mvtec/bottle/test/good/000.png --json "$OUT/bench.json" --plot "$OUT/bench.png"
