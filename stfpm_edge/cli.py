@@ -367,9 +367,17 @@ def build(
     timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="reuse and update this timing cache file (faster rebuilds)"),
     dla_core: Optional[int] = typer.Option(None, "--dla-core", help="build for this DLA core (Jetson AGX/NX), GPU fallback on"),
     out: Path = typer.Option(Path("engines"), "--out", help="folder for the engine and its sidecar"),
+    trtexec: Optional[str] = typer.Option(None, "--trtexec", help="only print the equivalent trtexec command for TensorRT 'weak' (8.6, 10.x) or 'strong' (11.x) typing; needs no TensorRT"),
 ):
-    from .engines.trt_build import BuildOptions, build_engine
+    from .engines.trt_build import BuildOptions, build_engine, trtexec_command
 
+    if trtexec is not None:
+        if trtexec not in ("weak", "strong"):
+            raise StfpmError("--trtexec takes weak (TensorRT 8.6 / 10.x) or strong (11.x)")
+        if not onnx_file.is_file():
+            raise StfpmError(f"{onnx_file}: ONNX file not found")
+        typer.echo(trtexec_command(onnx_file, precision, trtexec == "weak"))
+        return
     path, side = build_engine(onnx_file, out, BuildOptions(precision, workspace, str(timing_cache) if timing_cache else None, dla_core))
     typer.echo(f"wrote {path} (TensorRT {side['tensorrt_version']}, {side['gpu']['name']} sm {side['gpu']['compute_capability']}, {precision}) and {path.name}.json")
 

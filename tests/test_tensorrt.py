@@ -131,3 +131,14 @@ def test_without_tensorrt_build_and_open_say_what_to_install(variants, tmp_path)
     engine.write_bytes(b"x")
     with pytest.raises(BackendUnavailable, match="TensorRT"):
         open_engine(engine)
+
+
+def test_trtexec_equivalent_commands(variants):
+    from stfpm_edge.engines.trt_build import trtexec_command
+
+    weak = trtexec_command(variants / "model.onnx", "fp16", weak_typing=True)
+    assert "--fp16" in weak and "--precisionConstraints=obey" in weak and "/model/ReduceL2:fp32" in weak
+    assert "/model/teacher/" not in weak and weak.endswith(":fp32")
+    assert trtexec_command(variants / "model_int8.onnx", "int8", True).endswith("--saveEngine=model_int8.engine --int8")
+    strong = trtexec_command(variants / "model_fp16.onnx", "fp16", weak_typing=False)
+    assert strong == f"trtexec --onnx={variants / 'model_fp16.onnx'} --saveEngine=model_fp16.engine"
