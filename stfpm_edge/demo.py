@@ -58,7 +58,7 @@ def run_demo(out: Path, epochs: int = 40, size: int = 128, n_frames: int = 300, 
     # images at twice the model size: the model sees them downscaled by 2, and so do the video
     # frames and the line-scan tiles (--scale 2), so all three share one pixel scale
     src = 2 * size
-    data = make_mvtec_like(out / "data" / "weave", n_train=80, n_test_good=10, n_test_defect=15, height=src, width=src, seed=seed)
+    data = make_mvtec_like(out / "data" / "weave", n_train=160, n_test_good=10, n_test_defect=15, height=src, width=src, seed=seed)
     print(f"[1/5] generated data set: {data}")
     cfg = load_config(None, dict(data=str(data), out=str(out / "train"), epochs=epochs, batch_size=16, height=size, width=size, overlays=6, seed=seed))
     run_dir, metrics = train(cfg, resume=(out / "train" / "last.pt").is_file())
