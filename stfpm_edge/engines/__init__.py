@@ -1,0 +1,9 @@
+"""Inference backends behind one interface: ``open_engine(path)`` picks one by file suffix.
+
+Importing this package imports neither torch nor onnxruntime nor tensorrt; each backend imports
+its runtime when it is opened.
+"""
+
+from .base import Engine, FrameError, open_engine
+
+__all__ = ["Engine", "FrameError", "open_engine"]

@@ -1,0 +1,94 @@
+"""The engine interface shared by the PyTorch, ONNX Runtime and TensorRT backends.
+
+An engine is a context manager that owns its runtime resources and exposes
+``infer(frames) -> (maps, scores)``: ``frames`` are uint8 BGR images already fitted to the model
+size (``Geometry.fit_image``), shaped [N, H, W, 3] (or one [H, W, 3] frame); ``maps`` come back as
+float32 [N, H, W], ``scores`` as float32 [N] (raw; see ``thresholds.normalized_score``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data import Geometry
+from ..errors import ModelFileError, StfpmError
+
+
+class FrameError(StfpmError):
+    """Frames handed to ``infer`` do not match what the model expects."""
+
+
+class Engine:
+    name = "base"
+
+    def __init__(self, path: str | Path, meta: dict[str, Any]):
+        self.path = Path(path)
+        self.meta = meta
+        try:
+            self.geometry = Geometry(**meta["geometry"])
+        except (KeyError, TypeError) as exc:
+            raise ModelFileError(f"{path}: metadata has no usable geometry ({exc})") from None
+        self.threshold: float | None = (meta.get("threshold") or {}).get("image")
+
+    # -- context manager: resources are released on exit, also after an exception
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:  # overridden by backends that hold resources
+        pass
+
+    def check_frames(self, frames: np.ndarray) -> np.ndarray:
+        frames = np.asarray(frames)
+        if frames.ndim == 3:
+            frames = frames[None]
+        h, w = self.geometry.height, self.geometry.width
+        if frames.dtype != np.uint8:
+            raise FrameError(f"frames must be uint8 (camera pixels), got {frames.dtype}")
+        if frames.ndim != 4 or frames.shape[1:] != (h, w, 3):
+            raise FrameError(
+                f"frames must be [N, {h}, {w}, 3] BGR at model size, got {list(frames.shape)}; "
+                "fit them first with Geometry.fit_image"
+            )
+        return np.ascontiguousarray(frames)
+
+    def infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        frames = self.check_frames(frames)
+        maps, scores = self._infer(frames)
+        return maps.reshape(len(frames), self.geometry.height, self.geometry.width), scores.reshape(len(frames))
+
+    def _infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError(f"{type(self).__name__} does not implement _infer")
+
+
+# suffix -> "module:Class"; modules are imported only when a file of that kind is opened
+_BACKENDS = {
+    ".pt": "stfpm_edge.engines.torch_engine:TorchEngine",
+    ".onnx": "stfpm_edge.engines.ort_engine:OrtEngine",
+    ".engine": "stfpm_edge.engines.trt_engine:TensorRTEngine",
+    ".plan": "stfpm_edge.engines.trt_engine:TensorRTEngine",
+}
+
+
+def open_engine(path: str | Path, **options: Any) -> Engine:
+    """Open a model file with the backend its suffix names (``.pt``, ``.onnx``, ``.engine``/``.plan``)."""
+    path = Path(path)
+    target = _BACKENDS.get(path.suffix.lower())
+    if target is None:
+        raise ModelFileError(f"{path}: unknown model type; expected one of {', '.join(sorted(_BACKENDS))}")
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
+    module_name, cls_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("stfpm_edge"):
+            raise ModelFileError(f"{path}: the backend for {path.suffix} files is not available in this version") from None
+        raise
+    return getattr(module, cls_name)(path, **options)
