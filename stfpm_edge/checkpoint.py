@@ -20,6 +20,13 @@ from .model import STFPM
 FORMAT = "stfpm-edge/checkpoint/1"
 
 
+def atomic_torch_save(path: str | Path, obj: Any) -> None:
+    """torch.save, written atomically: a crash never leaves half a checkpoint."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def save_checkpoint(path: str | Path, model: STFPM, meta: dict[str, Any]) -> None:
     payload = {
         "format": FORMAT,
@@ -28,9 +35,7 @@ def save_checkpoint(path: str | Path, model: STFPM, meta: dict[str, Any]) -> Non
         "student": {k: v.detach().cpu() for k, v in model.student.state_dict().items()},
         "meta": meta,
     }
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_torch_save(path, payload)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

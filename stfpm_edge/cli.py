@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -135,7 +133,6 @@ def table(run_dirs: List[Path] = typer.Argument(..., help="run folders (or their
 
 
 def _print_parity(report: dict) -> None:
-    ref = report["engines"][report["reference"]]["metrics"]
     for name, e in report["engines"].items():
         m = e["metrics"]
         line = f"{name:>12}: image AUROC {_fmt(m.get('image_auroc'))} | pixel AUROC {_fmt(m.get('pixel_auroc'))} | AUPRO {_fmt(m.get('aupro'))}"
@@ -144,7 +141,6 @@ def _print_parity(report: dict) -> None:
             if e.get("delta_image_auroc") is not None:
                 line += f" | dAUROC img {100 * e['delta_image_auroc']:+.3f} pt, pix {100 * (e.get('delta_pixel_auroc') or 0):+.3f} pt"
         typer.echo(line)
-    _ = ref
 
 
 @command(help="Export a checkpoint as ONE fused ONNX graph (uint8 BGR frames -> anomaly map, score) and verify it.")
@@ -207,7 +203,7 @@ def calibrate(
     max_images: Optional[int] = typer.Option(None, "--max-images"),
 ):
     from .calib import calibrate_int8
-    from .data import discover
+    from .data import discover, evenly_spaced
     from .engines.ort_engine import OrtEngine
     from .evaluate import compare_engines
     from .fileio import atomic_write_json
@@ -219,7 +215,7 @@ def calibrate(
         return
     with OrtEngine(onnx_file) as fp32, OrtEngine(out) as int8:
         ds = discover(data or meta["int8"]["calibration_data"])
-        samples = ds.test[:max_images] if max_images else ds.test
+        samples = evenly_spaced(ds.test, max_images)
         report = compare_engines({"fp32": fp32.infer, "int8": int8.infer}, samples, fp32.geometry, fp32.threshold, "fp32")
     _print_parity(report)
     atomic_write_json(out.with_name(out.name + ".verify.json"), report)

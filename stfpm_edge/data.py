@@ -264,6 +264,14 @@ def split_train_val(samples: Sequence[Sample], val_fraction: float, seed: int) -
     return [samples[i] for i in train], [samples[i] for i in val]
 
 
+def evenly_spaced(items: Sequence, n: int | None) -> list:
+    """At most ``n`` items spread evenly over the sequence (so every defect type is represented)."""
+    items = list(items)
+    if n is None or len(items) <= n:
+        return items
+    return [items[i] for i in np.unique(np.linspace(0, len(items) - 1, n).round().astype(int))]
+
+
 def load_images(samples: Iterable[Sample], geometry: Geometry, progress: bool = False, desc: str = "images"):
     """Decode and fit every sample: (uint8 [N,H,W,3] BGR at model size, list of source (h, w))."""
     samples = list(samples)

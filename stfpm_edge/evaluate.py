@@ -45,18 +45,36 @@ class EvalResult:
     metrics: dict[str, Any]
 
 
+@dataclass
+class TestSet:
+    """Test images fitted to the model, with everything the metrics need."""
+
+    images: np.ndarray
+    sizes: list[tuple[int, int]]
+    masks: np.ndarray
+    has_mask: np.ndarray
+    labels: np.ndarray
+    valid: np.ndarray | None  # content pixels; None for squash (all pixels)
+
+    @classmethod
+    def load(cls, samples: list[Sample], geometry: Geometry, progress: bool) -> "TestSet":
+        images, sizes = load_images(samples, geometry, progress=progress, desc="test images")
+        masks, has_mask = load_masks(samples, sizes, geometry)
+        valid = content_mask(geometry, sizes) if geometry.resize != "squash" else None
+        return cls(images, sizes, masks, has_mask, np.array([s.label for s in samples]), valid)
+
+    def metrics(self, maps: np.ndarray, scores: np.ndarray, threshold: float | None) -> dict[str, Any]:
+        return evaluate_scores(self.labels, scores, maps, self.masks, self.has_mask, self.valid, threshold)
+
+
 def evaluate(infer: InferFn, samples: list[Sample], geometry: Geometry, threshold: float | None, progress: bool = True) -> EvalResult:
     if not samples:
         metrics = evaluate_scores(np.zeros(0), np.zeros(0), None, None, None, None, threshold)
         metrics["notes"].append("the data set has no test images")
         return EvalResult([], [], np.zeros(0), np.zeros((0, geometry.height, geometry.width)), np.zeros((0, geometry.height, geometry.width)), metrics)
-    images, sizes = load_images(samples, geometry, progress=progress, desc="test images")
-    masks, has_mask = load_masks(samples, sizes, geometry)
-    maps, scores = predict(infer, images, progress=progress, desc="evaluating")
-    labels = np.array([s.label for s in samples])
-    valid = content_mask(geometry, sizes) if geometry.resize != "squash" else None
-    metrics = evaluate_scores(labels, scores, maps, masks, has_mask, valid, threshold)
-    return EvalResult(samples, sizes, scores, maps, masks, metrics)
+    test = TestSet.load(samples, geometry, progress)
+    maps, scores = predict(infer, test.images, progress=progress, desc="evaluating")
+    return EvalResult(samples, test.sizes, scores, maps, test.masks, test.metrics(maps, scores, threshold))
 
 
 def scores_csv(result: EvalResult, threshold: float | None) -> str:
@@ -89,15 +107,12 @@ def write_outputs(result: EvalResult, out_dir: Path, geometry: Geometry, thresho
 
 def compare_engines(engines: dict[str, InferFn], samples: list[Sample], geometry: Geometry, threshold: float | None, reference: str, progress: bool = True) -> dict[str, Any]:
     """Run several engines on the same test images; metrics for each and differences to ``reference``."""
-    images, sizes = load_images(samples, geometry, progress=progress, desc="test images")
-    masks, has_mask = load_masks(samples, sizes, geometry)
-    labels = np.array([s.label for s in samples])
-    valid = content_mask(geometry, sizes) if geometry.resize != "squash" else None
+    test = TestSet.load(samples, geometry, progress)
     outputs, report = {}, {"n_images": len(samples), "reference": reference, "engines": {}}
     for name, infer in engines.items():
-        maps, scores = predict(infer, images, progress=progress, desc=name)
+        maps, scores = predict(infer, test.images, progress=progress, desc=name)
         outputs[name] = (maps, scores)
-        report["engines"][name] = {"metrics": evaluate_scores(labels, scores, maps, masks, has_mask, valid, threshold)}
+        report["engines"][name] = {"metrics": test.metrics(maps, scores, threshold)}
     ref_maps, ref_scores = outputs[reference]
     ref_metrics = report["engines"][reference]["metrics"]
     for name, (maps, scores) in outputs.items():

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 import cv2
 import numpy as np
 
-from .data import Geometry, decode_image
+from .data import Geometry, decode_image, decode_mask
 from .errors import StfpmError
 from .fileio import atomic_path, atomic_write_bytes
 from .metrics import image_roc
@@ -68,8 +68,6 @@ def overlays(result, geometry: Geometry, threshold: float | None, out_dir: Path,
         amap = geometry.unfit_map(result.maps[i], h, w)
         vis = heat_overlay(img, amap, threshold)
         if s.mask_path is not None:
-            from .data import decode_mask
-
             mask = decode_mask(s.mask_path)
             if mask.shape == (h, w):
                 contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import json
 import time
 from datetime import datetime
 from pathlib import Path
@@ -14,12 +12,12 @@ import torch
 
 from . import __version__
 from .backbones import spec
-from .checkpoint import save_checkpoint
+from .checkpoint import atomic_torch_save, save_checkpoint
 from .config import TrainConfig
 from .data import Geometry, discover, load_images, split_train_val
 from .errors import StfpmError
 from .evaluate import evaluate, predict, write_outputs
-from .fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from .fileio import atomic_write_json, sha256_file
 from .model import STFPM, stfpm_loss
 from .thresholds import normal_statistics, threshold_from_normal
 
@@ -93,12 +91,6 @@ def validation_loss(model: STFPM, images: np.ndarray, cache: TeacherCache | None
     return total / count
 
 
-def _state_bytes(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> tuple[Path, dict[str, Any]]:
     """Train, keep the best-validation student, set the threshold, evaluate; returns (run dir, metrics)."""
     from tqdm import tqdm
@@ -150,11 +142,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> tupl
             best_state = {k: v.detach().clone() for k, v in model.student.state_dict().items()}
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "seconds": time.perf_counter() - t0})
         bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=f"{best_loss:.4f}@{best_epoch + 1}")
-        atomic_write_bytes(run_dir / LAST, _state_bytes({
+        atomic_torch_save(run_dir / LAST, {
             "config": cfg.to_dict(), "epoch": epoch, "student": model.student.state_dict(),
             "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
             "best_loss": best_loss, "best_epoch": best_epoch, "best_student": best_state, "history": history,
-        }))
+        })
     bar.close()
 
     model.student.load_state_dict(best_state)

@@ -2,13 +2,11 @@
 
 import json
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from stfpm_edge.bench import interleaved_order, percentiles
 from stfpm_edge.cli import app
-from stfpm_edge.errors import BackendUnavailable
 
 runner = CliRunner()
 

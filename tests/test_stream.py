@@ -1,7 +1,6 @@
 """The camera loop: sources, drop policy, accounting, SIGINT/SIGTERM flushing, reconnects, line-scan."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

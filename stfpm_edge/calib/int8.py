@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data import Geometry, discover, load_images, split_train_val
+from ..data import Geometry, discover, evenly_spaced, load_images, split_train_val
 from ..errors import StfpmError
 from ..export.onnx_export import is_head_node, save_onnx
 
@@ -67,7 +67,7 @@ def calibrate_int8(onnx_fp32: str | Path, out: str | Path, data: str | Path | No
         raise StfpmError("pass --data DIR: the good training images to calibrate on")
     ds = discover(data, seed=seed)
     train, _ = split_train_val(ds.train, 0.2, seed) if len(ds.train) > 1 else (ds.train, [])
-    picked = [train[i] for i in np.unique(np.linspace(0, len(train) - 1, min(n_images, len(train))).round().astype(int))]
+    picked = evenly_spaced(train, n_images)
     frames, _ = load_images(picked, Geometry(**meta["geometry"]), progress=progress, desc="calibration images")
     if len(frames) < batch:
         raise StfpmError(f"need at least {batch} calibration images for a batch-{batch} graph")

@@ -12,7 +12,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -118,7 +117,7 @@ def verify_export(onnx_path: str | Path, checkpoint: str | Path, data: str | Pat
     """ONNX checker, then ONNX Runtime against the PyTorch checkpoint on real test images."""
     import onnx
 
-    from ..data import discover
+    from ..data import discover, evenly_spaced
     from ..engines.ort_engine import OrtEngine
     from ..engines.torch_engine import TorchEngine
     from ..evaluate import compare_engines
@@ -132,9 +131,7 @@ def verify_export(onnx_path: str | Path, checkpoint: str | Path, data: str | Pat
         if not data or not Path(data).is_dir():
             raise StfpmError(f"no test data to verify on: pass --data DIR (the checkpoint's data {data!r} is not here)")
         ds = discover(data, seed=(ref.meta.get("config") or {}).get("seed", 0))
-        samples = ds.test or ds.train
-        if max_images and len(samples) > max_images:  # evenly spaced, so every defect type is represented
-            samples = [samples[i] for i in np.unique(np.linspace(0, len(samples) - 1, max_images).round().astype(int))]
+        samples = evenly_spaced(ds.test or ds.train, max_images)
         report = compare_engines({"torch": ref.infer, "onnxruntime": ort_engine.infer}, samples, ref.geometry, ref.threshold, "torch", progress)
     report["onnx"] = str(onnx_path)
     report["precision"] = ort_engine.meta.get("precision")

@@ -10,7 +10,6 @@ overlapping tiles, and a stitched heat strip of the whole web is saved.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
+from ..bench import percentiles
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..render import heat_overlay
 from ..thresholds import normalized_score
@@ -224,7 +224,7 @@ def run_linescan(engine_factory: Callable[[], Any], source: Source, opts: LineSc
         "rows_received": tiler.total, "web_width": tiler.width, "tile": [tile_h, tile_w], "overlap": opts.overlap,
         "tiles_inspected": n_tiles, "rows_uninspected": uninspected, "chunks_read": counters.read, "chunks_failed": counters.failed,
         "defects": defects, "wall_s": wall, "rows_per_s": tiler.total / wall if wall > 0 else 0.0,
-        "tile_latency_ms_p50": float(np.percentile(counters.latency["inference"], 50)) if n_tiles else None,
+        "tile_latency_ms": percentiles(counters.latency["inference"]) if n_tiles else None,
         "source": source.describe(),
     }
     if strip_img and strip_map.size:

@@ -22,7 +22,7 @@ import numpy as np
 from ..fileio import atomic_write_bytes, atomic_write_json, mask_secrets
 from ..render import annotate, heat_overlay
 from ..thresholds import normalized_score
-from .sources import Frame, Source
+from .sources import Source
 
 _END = object()
 STAGES = ("wait", "preprocess", "inference", "postprocess", "output", "end_to_end")
@@ -125,11 +125,9 @@ def _crop(img: np.ndarray, roi) -> np.ndarray:
 
 
 def summarize(c: Counters, wall_s: float) -> dict[str, Any]:
-    lat = {}
-    for stage, vals in c.latency.items():
-        if vals:
-            a = np.asarray(vals)
-            lat[stage] = {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "max": float(a.max())}
+    from ..bench import percentiles
+
+    lat = {stage: percentiles(vals) for stage, vals in c.latency.items() if vals}
     return {
         "frames_read": c.read, "frames_inspected": c.inspected, "frames_dropped": c.dropped, "frames_failed": c.failed,
         "frames_anomalous": c.anomalous, "accounted": c.read == c.inspected + c.failed + c.dropped,
