@@ -78,7 +78,13 @@ class CaptureSource(Source):
             raise SourceError(f"cannot open {self.describe()}: {hint}")
 
     def _open(self):
-        cap = cv2.VideoCapture(self._target, self._api)
+        # OpenCV logs every backend it tries when a device is missing; our error says it once
+        level = cv2.utils.logging.getLogLevel()
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+        try:
+            cap = cv2.VideoCapture(self._target, self._api)
+        finally:
+            cv2.utils.logging.setLogLevel(level)
         if not cap.isOpened():
             cap.release()
             return None
