@@ -301,6 +301,7 @@ def run(
     overlap: float = typer.Option(0.5, help="line-scan: overlap of neighbouring tiles, a fraction of the tile"),
     mm_per_row: Optional[float] = typer.Option(None, "--mm-per-row", help="line-scan: web travel per row, to report positions in mm"),
     build_if_stale: bool = typer.Option(False, "--build-if-stale", help="TensorRT: rebuild an engine whose sidecar no longer matches"),
+    zero_copy: bool = typer.Option(False, "--zero-copy", help="TensorRT on Jetson (integrated GPU): mapped host memory instead of copies"),
 ):
     import signal
     import threading
@@ -309,8 +310,10 @@ def run(
     from .stream.sources import open_source
 
     options = {"threads": threads} if model.suffix.lower() == ".onnx" else {}
-    if build_if_stale and model.suffix.lower() in (".engine", ".plan"):
-        options["build_if_stale"] = True
+    if model.suffix.lower() in (".engine", ".plan"):
+        options.update(build_if_stale=build_if_stale, zero_copy=zero_copy)
+    elif build_if_stale or zero_copy:
+        raise StfpmError("--build-if-stale and --zero-copy apply to TensorRT engines (.engine/.plan) only")
     if not model.is_file():
         raise StfpmError(f"{model}: model file not found")
     src = open_source(source)
