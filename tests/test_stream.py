@@ -271,3 +271,22 @@ def test_demo_end_to_end_reduced(tmp_path):
     assert stream["frames_read"] == 30 == stream["frames_inspected"] + stream["frames_failed"]
     ls = json.loads((out / "linescan" / "summary.json").read_text())
     assert ls["rows_received"] == 400 and ls["rows_uninspected"] == 0
+
+
+def test_output_failure_does_not_hang_and_leaves_valid_jsonl(tmp_path, monkeypatch):
+    import stfpm_edge.stream.pipeline as pl
+
+    calls = {"n": 0}
+    real = pl.JsonlWriter.write
+
+    def failing_write(self, record):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError("disk full")
+        return real(self, record)
+
+    monkeypatch.setattr(pl.JsonlWriter, "write", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        run_stream(lambda: DarkSpotEngine(), IterSource(_frames(200)), RunOptions(tmp_path / "o"))
+    lines = (tmp_path / "o" / "frames.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and all(json.loads(l)["status"] == "inspected" for l in lines)

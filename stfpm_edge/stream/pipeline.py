@@ -293,6 +293,13 @@ def run_stream(engine_factory: Callable[[], Any], source: Source, opts: RunOptio
                 bar.update(1)
     finally:
         stop.set()
+        # if we stop early (an exception here), keep taking results so that inference and capture,
+        # possibly blocked on full hand-over queues, can reach their end markers
+        while inf_thread.is_alive():
+            try:
+                results.get(timeout=0.1)
+            except queue.Empty:
+                pass
         cap_thread.join()
         inf_thread.join()
         while events:
