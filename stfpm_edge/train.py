@@ -102,6 +102,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> tupl
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg, dataset.name)
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise StfpmError(f"{run_dir}: run folder exists and is not empty; pass --resume to continue it or choose another --out")
+    if resume and not (run_dir / LAST).is_file() and (run_dir / MODEL).is_file():
+        raise StfpmError(f"{run_dir}: nothing to resume, this run finished ({MODEL} is there); choose another --out to train again")
     train_s, val_s = split_train_val(dataset.train, cfg.val_fraction, cfg.seed)
     # decode everything up front: a bad file fails here, before anything is written
     train_imgs, _ = load_images(train_s, geometry, progress=progress, desc="train images")

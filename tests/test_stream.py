@@ -290,3 +290,26 @@ def test_output_failure_does_not_hang_and_leaves_valid_jsonl(tmp_path, monkeypat
         run_stream(lambda: DarkSpotEngine(), IterSource(_frames(200)), RunOptions(tmp_path / "o"))
     lines = (tmp_path / "o" / "frames.jsonl").read_text().splitlines()
     assert len(lines) == 4 and all(json.loads(l)["status"] == "inspected" for l in lines)
+
+
+def test_run_command_with_onnx_never_imports_torch(tiny_run, tmp_path):
+    from stfpm_edge.export.onnx_export import export_onnx
+
+    run_dir, _ = tiny_run
+    model = tmp_path / "m.onnx"
+    export_onnx(run_dir / "model.pt", model)
+    video = tmp_path / "v.mp4"
+    _write_video(video, 20, bad={3}, size=(64, 64))
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from stfpm_edge.cli import app\n"
+        f"r = CliRunner().invoke(app, ['run', r'{model}', '--source', r'{video}', '--out', r'{tmp_path / 'o'}', '--save-video', r'{tmp_path / 'o' / 'a.mp4'}'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "bad = [m for m in ('torch', 'timm', 'sklearn', 'matplotlib') if m in sys.modules]\n"
+        "print('imported:', bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert len(_records(tmp_path / "o")) == 20

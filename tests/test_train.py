@@ -93,6 +93,8 @@ def test_resume_continues_and_matches_uninterrupted_run(synthetic_mvtec, tmp_pat
     _, resumed = train(_cfg(synthetic_mvtec, tmp_path / "resumed", epochs=2), resume=True, progress=False)
     assert resumed["threshold"] == pytest.approx(full["threshold"], rel=1e-4)
     assert resumed["image_auroc"] == pytest.approx(full["image_auroc"], abs=1e-6)
+    with pytest.raises(StfpmError, match="nothing to resume"):
+        train(_cfg(synthetic_mvtec, tmp_path / "resumed", epochs=2), resume=True, progress=False)
 
 
 def test_teacher_cache_gives_the_same_training(synthetic_mvtec, tmp_path):
