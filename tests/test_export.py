@@ -35,6 +35,10 @@ def test_fused_graph_io_and_metadata(exported):
     assert inp.name == "frames" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert [d.dim_value for d in inp.type.tensor_type.shape.dim] == [1, 64, 64, 3]
     assert [o.name for o in proto.graph.output] == ["anomaly_map", "score", "normalized_score"]
+    # TF-"SAME" padding frozen for the fixed model size: nothing in the backbones reads the input's
+    # shape at run time (the pads are computed from constants only)
+    ops = {n.op_type for n in proto.graph.node if n.name.startswith(("/model/teacher/", "/model/student/"))}
+    assert "Pad" in ops and not ops & {"Shape", "Ceil", "Gather"}, ops
     meta = json.loads({p.key: p.value for p in proto.metadata_props}["stfpm_edge"])
     sidecar = json.loads(sidecar_path(path).read_text())
     from stfpm_edge.checkpoint import read_checkpoint

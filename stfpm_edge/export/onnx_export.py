@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import __version__
@@ -39,6 +41,43 @@ class Deployable(nn.Module):
     def forward(self, frames: torch.Tensor):
         amap, score = self.model(frames)
         return amap, score, torch.clamp(score * (0.5 / self.threshold), 0.0, 1.0)
+
+
+class _StaticPadConv2d(nn.Conv2d):
+    """A TF-"SAME" convolution whose padding was computed once for the export's fixed input size."""
+
+    static_pad: tuple[int, int, int, int]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(x, self.static_pad), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def freeze_same_padding(model: nn.Module, example: torch.Tensor) -> int:
+    """Replace timm's dynamic TF-"SAME" padding with constant pads for ``example``'s size.
+
+    timm's tf_* models compute their stride-2 padding from the input shape at run time, which
+    exports as Shape/Ceil/Pad subgraphs; the model size is fixed, so the pads are constants.
+    Weights and state-dict keys are untouched. Returns the number of convolutions changed.
+    """
+    sizes: dict[str, tuple[int, int]] = {}
+    targets = {name: m for name, m in model.named_modules() if type(m).__name__ == "Conv2dSame"}
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, name=name: sizes.__setitem__(name, tuple(inp[0].shape[-2:])))
+             for name, m in targets.items()]
+    try:
+        with torch.inference_mode():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, m in targets.items():
+        pads = []
+        for size, k, s, d in zip(sizes[name], m.kernel_size, m.stride, m.dilation):
+            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads.append((total // 2, total - total // 2))
+        (top, bottom), (left, right) = pads
+        m.__class__ = _StaticPadConv2d
+        m.static_pad = (left, right, top, bottom)
+    return len(targets)
 
 
 def sidecar_path(path: Path) -> Path:
@@ -92,6 +131,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, batch: int = 1, dynamic
         raise StfpmError(f"{checkpoint}: has no threshold; train it with stfpm-edge train")
     model = model.to(memory_format=torch.contiguous_format)
     geo = meta["geometry"]
+    freeze_same_padding(model, torch.zeros(1, geo["height"], geo["width"], 3, dtype=torch.uint8))
     flops = flops_per_frame(model, geo["height"], geo["width"])
     if precision == "fp16":
         model.teacher.half()
