@@ -141,6 +141,12 @@ def open_backends(models: list[Path], wanted: list[str] | None, threads: int) ->
             backends.append(engine_backend(path, threads))
         else:
             backends.append(engine_backend(path, threads))
+    seen: dict[str, int] = {}
+    for b in backends:  # two models of one kind: tell them apart by file name
+        seen[b.name] = seen.get(b.name, 0) + 1
+    for b in backends:
+        if seen[b.name] > 1 and "file" in b.info:
+            b.name = f"{b.name}[{Path(b.info['file']).name}]"
     if wanted:
         names = [b.name for b in backends]
         missing = [w for w in wanted if not any(n == w or n.startswith(w) for n in names)]

@@ -49,7 +49,7 @@ class _StaticPadConv2d(nn.Conv2d):
     static_pad: tuple[int, int, int, int]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.pad(x, self.static_pad), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(F.pad(x, self.static_pad, value=0.0), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
 def freeze_same_padding(model: nn.Module, example: torch.Tensor) -> int:
