@@ -85,6 +85,7 @@ def train(
     cache_teacher: Optional[bool] = typer.Option(None, "--cache-teacher/--no-cache-teacher", help="compute the frozen teacher once per image [default: on]"),
     seed: Optional[int] = typer.Option(None, help="[default: 0]"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (0 = torch's default)"),
+    device: Optional[str] = typer.Option(None, help="auto (CUDA when PyTorch sees a GPU), cpu, cuda or cuda:N [default: auto]"),
     overlays: Optional[int] = typer.Option(None, help="heat-map overlays to save [default: 12]"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last finished epoch"),
 ):
@@ -97,7 +98,7 @@ def train(
         momentum=momentum, weight_decay=weight_decay, backbone=backbone,
         teacher_weights=str(teacher_weights) if teacher_weights else None, height=h, width=w, resize=resize,
         val_fraction=val_fraction, threshold_quantile=threshold_quantile, augment=augment, cache_teacher=cache_teacher,
-        seed=seed, threads=threads, overlays=overlays))
+        seed=seed, threads=threads, device=device, overlays=overlays))
     run_dir, metrics = run_training(cfg, resume=resume)
     _print_metrics(metrics)
     typer.echo(f"seconds per epoch (median): {_fmt(metrics.get('seconds_per_epoch'))}")

@@ -31,6 +31,7 @@ class TrainConfig:
     cache_teacher: bool = True
     threshold_quantile: float = 0.99
     threads: int = 0
+    device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N
     overlays: int = 12
 
     def to_dict(self) -> dict[str, Any]:

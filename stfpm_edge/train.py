@@ -25,6 +25,18 @@ LAST = "last.pt"  # resume state, rewritten atomically after every epoch
 MODEL = "model.pt"
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise StfpmError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise StfpmError(f"--device {name}: PyTorch sees no CUDA GPU here; use --device cpu")
+    return device
+
+
 def default_run_dir(cfg: TrainConfig, name: str) -> Path:
     return Path("runs") / f"{name}-{cfg.backbone}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
@@ -34,9 +46,10 @@ class TeacherCache:
 
     def __init__(self, model: STFPM, images: np.ndarray, batch_size: int):
         levels: list[list[torch.Tensor]] = []
+        device = next(model.parameters()).device
         with torch.inference_mode():
             for i in range(0, len(images), batch_size):
-                x = model.normalize(torch.from_numpy(images[i : i + batch_size]))
+                x = model.normalize(torch.from_numpy(images[i : i + batch_size]).to(device))
                 levels.append(model.teacher(x))
         self.levels = [torch.cat([b[k] for b in levels]) for k in range(len(levels[0]))] if levels else []
 
@@ -54,16 +67,17 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     n = x.shape[0]
     h = torch.rand(n, generator=generator) < 0.5
     v = torch.rand(n, generator=generator) < 0.5
-    x = torch.where(h.view(-1, 1, 1, 1), x.flip(3), x)
-    return torch.where(v.view(-1, 1, 1, 1), x.flip(2), x)
+    x = torch.where(h.view(-1, 1, 1, 1).to(x.device), x.flip(3), x)
+    return torch.where(v.view(-1, 1, 1, 1).to(x.device), x.flip(2), x)
 
 
 def run_epoch(model: STFPM, images: np.ndarray, cache: TeacherCache | None, optimizer, cfg: TrainConfig, generator: torch.Generator) -> float:
     """One pass of the student over the training images; returns the mean batch loss."""
     model.train()
+    device = next(model.parameters()).device
     losses = []
     for idx in _batches(len(images), cfg.batch_size, generator):
-        x = model.normalize(torch.from_numpy(images[idx.numpy()]))
+        x = model.normalize(torch.from_numpy(images[idx.numpy()]).to(device))
         if cfg.augment:
             x = _augment(x, generator)
         if cache is not None:
@@ -81,10 +95,11 @@ def run_epoch(model: STFPM, images: np.ndarray, cache: TeacherCache | None, opti
 
 def validation_loss(model: STFPM, images: np.ndarray, cache: TeacherCache | None, batch_size: int) -> float:
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.inference_mode():
         for idx in _batches(len(images), batch_size, None):
-            x = model.normalize(torch.from_numpy(images[idx.numpy()]))
+            x = model.normalize(torch.from_numpy(images[idx.numpy()]).to(device))
             t = cache[idx] if cache is not None else model.teacher(x)
             total += float(stfpm_loss(t, model.student(x))) * len(idx)
             count += len(idx)
@@ -110,7 +125,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> tupl
     val_imgs, _ = load_images(val_s, geometry, progress=progress, desc="validation images")
 
     torch.manual_seed(cfg.seed)
-    model = STFPM.build(cfg.backbone, cfg.teacher_weights)
+    device = resolve_device(cfg.device)
+    model = STFPM.build(cfg.backbone, cfg.teacher_weights).to(device)
     optimizer = torch.optim.SGD(model.student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     use_cache = cfg.cache_teacher and not cfg.augment
@@ -123,7 +139,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> tupl
         state = torch.load(run_dir / LAST, map_location="cpu", weights_only=True)
         if state.get("config", {}).get("backbone") != cfg.backbone:
             raise StfpmError(f"{run_dir / LAST}: was trained with another backbone; cannot resume with {cfg.backbone}")
-        model.student.load_state_dict(state["student"])
+        model.student.load_state_dict({k: v.to(device) for k, v in state["student"].items()})
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         start_epoch, best_loss, best_epoch = state["epoch"] + 1, state["best_loss"], state["best_epoch"]

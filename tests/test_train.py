@@ -162,3 +162,23 @@ def test_cli_eval_and_table(tiny_run, synthetic_mvtec, tmp_path):
     lines = result.output.strip().splitlines()
     assert lines[0].startswith("| Metric | Avg | carpet |") and "weave" in lines[0]
     assert lines[2].startswith("| Image AUC | ") and f"{100 * metrics['image_auroc']:.1f}" in lines[2]
+
+
+def test_device_choice_is_checked(synthetic_mvtec, tmp_path):
+    import torch
+
+    from stfpm_edge.train import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(StfpmError, match="not a device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(StfpmError, match="no CUDA GPU"):
+            train(_cfg(synthetic_mvtec, tmp_path / "r", device="cuda"), progress=False)
+        assert not (tmp_path / "r").exists()
+
+
+def test_augmented_training_runs(synthetic_mvtec, tmp_path):
+    _, m = train(_cfg(synthetic_mvtec, tmp_path / "aug", epochs=1, augment=True), progress=False)
+    assert m["image_auroc"] is not None
