@@ -27,6 +27,16 @@ def tiny_run(synthetic_mvtec, tmp_path_factory):
     return run_dir, metrics
 
 
+def run_without_modules(code: str, forbidden: tuple[str, ...]) -> None:
+    """Run ``code`` in a fresh interpreter and assert it never imported any of ``forbidden``."""
+    import subprocess
+    import sys
+
+    check = f"\nimport sys\nbad = [m for m in {forbidden!r} if m in sys.modules]\nprint('imported:', bad)\nsys.exit(1 if bad else 0)\n"
+    res = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def bottle_or_skip() -> Path:
     if not (BOTTLE / "train" / "good").is_dir():
         pytest.skip(f"real MVTec bottle data not found at {BOTTLE} (set STFPM_BOTTLE or place ../shared beside the repo)")

@@ -1,8 +1,6 @@
 """Export, parity, metadata, engine dispatch, the torch-free deploy path, INT8/FP16 variants, bad input."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -14,6 +12,7 @@ from stfpm_edge.cli import app
 from stfpm_edge.engines import FrameError, open_engine
 from stfpm_edge.errors import ModelFileError, StfpmError
 from stfpm_edge.export.onnx_export import export_onnx, parity_ok, sidecar_path, verify_export
+from tests.conftest import run_without_modules
 
 runner = CliRunner()
 
@@ -104,17 +103,13 @@ def test_dynamic_batch_and_normalized_score(exported, tmp_path):
 def test_onnx_runtime_path_does_not_import_torch(exported):
     _, path = exported
     code = (
-        "import sys, numpy as np\n"
+        "import numpy as np\n"
         "from stfpm_edge.engines import open_engine\n"
         f"e = open_engine(r'{path}')\n"
         "m, s = e.infer(np.zeros((64, 64, 3), np.uint8))\n"
         "assert m.shape == (1, 64, 64)\n"
-        "bad = [k for k in ('torch', 'timm', 'torchvision', 'tensorrt') if k in sys.modules]\n"
-        "print('imported:', bad)\n"
-        "sys.exit(1 if bad else 0)\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout + res.stderr
+    run_without_modules(code, ("torch", "timm", "torchvision", "tensorrt"))
 
 
 def test_wrong_frames_are_clear_errors(exported):
