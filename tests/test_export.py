@@ -108,6 +108,7 @@ def test_onnx_runtime_path_does_not_import_torch(exported):
         f"e = open_engine(r'{path}')\n"
         "m, s = e.infer(np.zeros((64, 64, 3), np.uint8))\n"
         "assert m.shape == (1, 64, 64)\n"
+        "import stfpm_edge.calib, stfpm_edge.engines.trt_build, stfpm_edge.engines.trt_engine\n"
     )
     run_without_modules(code, ("torch", "timm", "torchvision", "tensorrt"))
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..data import Geometry, discover, evenly_spaced, load_images, split_train_val
 from ..errors import StfpmError
-from ..export.onnx_export import is_head_node, save_onnx
+from ..onnxmeta import is_head_node, save_onnx
 
 TARGETS = ("tensorrt", "cpu")
 

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ModelFileError
+from ..onnxmeta import metadata_from_props
 from .base import Engine
 
-META_KEY = "stfpm_edge"
-
-
 def read_onnx_metadata(session, path: Path) -> dict:
-    props = session.get_modelmeta().custom_metadata_map
-    if META_KEY not in props:
-        raise ModelFileError(
-            f"{path}: this ONNX file has no stfpm-edge metadata (input size, colour order, threshold); "
-            "export it with `stfpm-edge export MODEL.pt`"
-        )
-    try:
-        return json.loads(props[META_KEY])
-    except json.JSONDecodeError as exc:
-        raise ModelFileError(f"{path}: stfpm-edge metadata is not valid JSON ({exc})") from None
+    return metadata_from_props(session.get_modelmeta().custom_metadata_map, path)
 
 
 class OrtEngine(Engine):

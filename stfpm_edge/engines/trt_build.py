@@ -23,6 +23,7 @@ from typing import Any
 
 from ..errors import BackendUnavailable, ModelFileError, StfpmError
 from ..fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from ..onnxmeta import is_head_node, metadata_from_props, sidecar_path
 
 PRECISIONS = ("fp32", "fp16", "int8")
 INSTALL_HINT = ("TensorRT is not installed. On a desktop GPU: pip install 'stfpm-edge[tensorrt]' (tensorrt, pycuda); "
@@ -75,22 +76,14 @@ def gpu_info() -> dict[str, Any]:
     return {"name": dev.name(), "compute_capability": f"{major}.{minor}", "integrated": bool(dev.get_attribute(cuda.device_attribute.INTEGRATED))}
 
 
-def _head_layer(name: str) -> bool:
-    from ..export.onnx_export import is_head_node
-
-    return is_head_node(name)
-
-
 def _onnx_meta(onnx_path: Path) -> dict[str, Any]:
-    sidecar = onnx_path.with_name(onnx_path.name + ".json")
+    sidecar = sidecar_path(onnx_path)
     if sidecar.is_file():
         return json.loads(sidecar.read_text())
     import onnx
 
     props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
-    if "stfpm_edge" not in props:
-        raise ModelFileError(f"{onnx_path}: no stfpm-edge metadata; export it with `stfpm-edge export`")
-    return json.loads(props["stfpm_edge"])
+    return metadata_from_props(props, onnx_path)
 
 
 @dataclass
@@ -166,7 +159,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path = "engines", options
     if plan["head_fp32_constraints"]:
         for i in range(network.num_layers):
             layer = network.get_layer(i)
-            if _head_layer(layer.name):
+            if is_head_node(layer.name):
                 layer.precision = trt.float32
                 for k in range(layer.num_outputs):
                     layer.set_output_type(k, trt.float32)
@@ -250,8 +243,6 @@ def trtexec_command(onnx_path: str | Path, precision: str, weak_typing: bool = T
         return cmd  # strongly typed (11.x) or FP32: the graph alone fixes the precisions
     if precision == "int8":
         return cmd + " --int8"
-    from ..export.onnx_export import is_head_node
-
     head = [n.name for n in onnx.load(str(onnx_path), load_external_data=False).graph.node if n.op_type != "Constant" and is_head_node(n.name)]
     spec = ",".join(f"{name}:fp32" for name in head)
     return cmd + f" --fp16 --precisionConstraints=obey --layerPrecisions={spec} --layerOutputTypes={spec}"

@@ -7,7 +7,6 @@ exported from ``model.STFPM`` itself, so the deployed map is the trained map by 
 from __future__ import annotations
 
 import io
-import json
 import math
 import warnings
 from pathlib import Path
@@ -20,13 +19,13 @@ from torch import nn
 from .. import __version__
 from ..checkpoint import load_checkpoint
 from ..errors import StfpmError
-from ..fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from ..fileio import sha256_file
 from ..model import STFPM, flops_per_frame
+from ..onnxmeta import is_head_node, save_onnx, sidecar_path  # noqa: F401  (re-exported for callers)
 
 OPSET = 17  # the ceiling of TensorRT 8.6 (JetPack 5 / 6.0)
 INPUT = "frames"
 OUTPUTS = ("anomaly_map", "score", "normalized_score")
-META_KEY = "stfpm_edge"
 PRECISIONS = ("fp32", "fp16")
 
 
@@ -80,15 +79,6 @@ def freeze_same_padding(model: nn.Module, example: torch.Tensor) -> int:
     return len(targets)
 
 
-def sidecar_path(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
-
-
-def is_head_node(name: str) -> bool:
-    """Nodes outside the two backbones: preprocessing and the anomaly-map head (kept in FP32)."""
-    return not (name.startswith("/model/teacher/") or name.startswith("/model/student/"))
-
-
 def deploy_metadata(meta: dict[str, Any], checkpoint: Path, precision: str, batch: int | None) -> dict[str, Any]:
     keep = ("backbone", "geometry", "input", "normalization", "threshold", "normal_stats", "dataset")
     out = {k: meta[k] for k in keep if k in meta}
@@ -103,18 +93,6 @@ def deploy_metadata(meta: dict[str, Any], checkpoint: Path, precision: str, batc
         "tool_version": __version__,
     })
     return out
-
-
-def save_onnx(proto, path: Path, meta: dict[str, Any]) -> None:
-    """Write the model with its metadata in ``metadata_props`` and a JSON sidecar, both atomically."""
-    import onnx
-
-    del proto.metadata_props[:]
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = META_KEY, json.dumps(meta)
-    onnx.checker.check_model(proto)
-    atomic_write_bytes(path, proto.SerializeToString())
-    atomic_write_json(sidecar_path(path), {**meta, "onnx_sha256": sha256_file(path)})
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, batch: int = 1, dynamic: bool = False, precision: str = "fp32") -> dict[str, Any]:
