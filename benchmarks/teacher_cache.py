@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from stfpm_edge.config import TrainConfig
-from stfpm_edge.data import Geometry, discover, load_images, split_train_val
+from stfpm_edge.datasets import discover, load_images, split_train_val
+from stfpm_edge.geometry import Geometry
 from stfpm_edge.model import STFPM
 from stfpm_edge.train import TeacherCache, run_epoch
 

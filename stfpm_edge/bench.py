@@ -20,19 +20,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .data import Geometry
+from .geometry import Geometry
 from .errors import BackendUnavailable, StfpmError
-from .thresholds import normalized_score
+from .scoring import is_anomalous, normalized_score
+from .timing import percentiles  # noqa: F401  (part of the benchmark's API)
 
 STAGES = ("preprocess", "inference", "postprocess")
-
-
-def percentiles(samples_ms: list[float] | np.ndarray) -> dict[str, float]:
-    a = np.asarray(samples_ms, dtype=np.float64)
-    if a.size == 0:
-        raise StfpmError("no samples to summarise")
-    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)),
-            "max": float(a.max()), "mean": float(a.mean()), "n": int(a.size)}
 
 
 def interleaved_order(names: list[str], iteration: int) -> list[str]:
@@ -51,11 +44,11 @@ class Backend:
     flops_per_frame: float | None = None
     close: Callable[[], None] = lambda: None
     info: dict[str, Any] = field(default_factory=dict)
-    device_timings: Callable[[], dict[str, float]] | None = None  # GPU engines: CUDA-event times of the last call
+    device_timings: Callable[[], dict[str, float]] = dict  # GPU engines: CUDA-event times of the last call
 
     def postprocess(self, maps: np.ndarray, scores: np.ndarray, src_shape: tuple[int, int]):
         norm = normalized_score(scores, self.threshold)
-        verdicts = scores > self.threshold
+        verdicts = is_anomalous(scores, self.threshold)
         full = [self.geometry.unfit_map(m, *src_shape) for m in maps]
         return norm, verdicts, full
 
@@ -96,7 +89,7 @@ def reference_backend(path: Path, threads: int) -> Backend:
                 d = 0.5 * (F.normalize(t, dim=1) - F.normalize(s, dim=1)) ** 2
                 amap = amap * F.interpolate(d.sum(1, keepdim=True), size=(geo.height, geo.width), mode="bilinear", align_corners=False)
             maps = amap[:, 0].numpy()
-        return maps, maps.reshape(len(maps), -1).max(axis=1)
+        return maps, maps.reshape(len(maps), -1).max(axis=1)  # the raw map and the paper's max: no post-processing
 
     return Backend("torch-reference", geo, meta["threshold"]["image"], preprocess, infer, flops_per_frame(model, geo.height, geo.width))
 
@@ -104,9 +97,7 @@ def reference_backend(path: Path, threads: int) -> Backend:
 def engine_backend(path: Path, threads: int, name: str | None = None) -> Backend:
     from .engines import open_engine
 
-    suffix = path.suffix.lower()
-    options = {"threads": threads} if suffix == ".onnx" else {}
-    engine = open_engine(path, **options)
+    engine = open_engine(path, threads=threads)
     meta = engine.meta
     if name is None:
         precision = meta.get("precision", "fp32")
@@ -118,9 +109,8 @@ def engine_backend(path: Path, threads: int, name: str | None = None) -> Backend
 
         flops = flops_per_frame(engine.model, engine.geometry.height, engine.geometry.width)
     geo = engine.geometry
-    timings = (lambda: engine.last_timings_ms) if hasattr(engine, "last_timings_ms") else None
     return Backend(name, geo, engine.threshold, lambda frames: _fit_batch(geo, frames), engine.infer, flops, engine.close,
-                   {"file": str(path), "engine": engine.name}, timings)
+                   {"file": str(path), "engine": engine.name}, engine.device_timings)
 
 
 def open_backends(models: list[Path], wanted: list[str] | None, threads: int) -> list[Backend]:
@@ -133,12 +123,6 @@ def open_backends(models: list[Path], wanted: list[str] | None, threads: int) ->
         if suffix == ".pt":
             backends.append(reference_backend(path, threads))
             backends.append(engine_backend(path, threads, "torch-fused"))
-        elif suffix in (".engine", ".plan"):
-            try:
-                import tensorrt  # noqa: F401
-            except ImportError:
-                raise BackendUnavailable(f"{path}: TensorRT is not installed here; install the [tensorrt] extra on a machine with an NVIDIA GPU") from None
-            backends.append(engine_backend(path, threads))
         else:
             backends.append(engine_backend(path, threads))
     seen: dict[str, int] = {}
@@ -183,9 +167,8 @@ def run_benchmark(backends: list[Backend], frames: list[np.ndarray], batch_sizes
                 if it >= warmup:
                     for stage, dt in zip((*STAGES, "total"), (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
                         samples[name][stage].append(dt * 1e3)
-                    if b.device_timings is not None:  # host-to-device, compute, device-to-host (CUDA events)
-                        for stage, ms in b.device_timings().items():
-                            samples[name].setdefault(f"gpu_{stage}", []).append(ms)
+                    for stage, ms in b.device_timings().items():  # GPU: host-to-device, compute, device-to-host
+                        samples[name].setdefault(f"gpu_{stage}", []).append(ms)
         table = {}
         for name in names:
             st = {s: percentiles(v) for s, v in samples[name].items()}

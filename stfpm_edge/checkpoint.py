@@ -15,7 +15,7 @@ import torch
 from . import __version__
 from .errors import ModelFileError
 from .fileio import atomic_write_bytes
-from .model import STFPM
+from .model import STFPM, MapPost
 
 FORMAT = "stfpm-edge/checkpoint/1"
 
@@ -62,8 +62,9 @@ def load_checkpoint(path: str | Path) -> tuple[STFPM, dict[str, Any]]:
     payload = read_checkpoint(path)
     meta = payload["meta"]
     name = meta["backbone"]
-    teacher = backbones.create_features(name)
-    student = backbones.create_features(name)
+    layers = meta.get("layers")  # absent in checkpoints from before levels were an option
+    teacher = backbones.create_features(name, layers)
+    student = backbones.create_features(name, layers)
     try:
         teacher.load_state_dict(payload["teacher"])
         student.load_state_dict(payload["student"])
@@ -71,7 +72,8 @@ def load_checkpoint(path: str | Path) -> tuple[STFPM, dict[str, Any]]:
         raise ModelFileError(f"{path}: weights do not fit backbone {name!r}: {_short(exc)}") from None
     for p in teacher.parameters():
         p.requires_grad_(False)
-    model = STFPM(name, teacher, student).eval().to(memory_format=torch.channels_last)
+    post = MapPost(**meta.get("map_post", {}))
+    model = STFPM(name, teacher, student, post).eval().to(memory_format=torch.channels_last)
     return model, meta
 
 

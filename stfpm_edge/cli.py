@@ -112,7 +112,7 @@ def eval_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="folder for metrics.json, scores.csv, roc.png, overlays/ [default: next to the model, eval-<data>]"),
     overlays: int = typer.Option(12, help="heat-map overlays to save"),
 ):
-    from .data import discover
+    from .datasets import discover
     from .engines import open_engine
     from .evaluate import evaluate, write_outputs
 
@@ -155,7 +155,8 @@ def export(
     data: Optional[Path] = typer.Option(None, "--data", help="data for verification [default: the checkpoint's training data]"),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="verify on at most this many test images"),
 ):
-    from .export.onnx_export import export_onnx, parity_ok, sidecar_path, verify_export
+    from .export.onnx_export import export_onnx, parity_ok, verify_export
+    from .fileio import sidecar_path
     from .fileio import atomic_write_json
 
     out = out or checkpoint.with_name("model.onnx" if precision == "fp32" else f"model_{precision}.onnx")
@@ -204,7 +205,7 @@ def calibrate(
     max_images: Optional[int] = typer.Option(None, "--max-images"),
 ):
     from .calib import calibrate_int8
-    from .data import discover, evenly_spaced
+    from .datasets import discover, evenly_spaced
     from .engines.ort_engine import OrtEngine
     from .evaluate import compare_engines
     from .fileio import atomic_write_json
@@ -235,7 +236,7 @@ def bench(
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a latency histogram PNG"),
 ):
     from .bench import histogram_plot, machine_info, markdown_table, open_backends, run_benchmark
-    from .data import decode_image
+    from .geometry import decode_image
     from .fileio import atomic_write_json
 
     try:
@@ -307,16 +308,11 @@ def run(
     import signal
     import threading
 
-    from .engines import open_engine
+    from .engines import engine_options, open_engine
     from .stream.sources import open_source
 
-    options = {"threads": threads} if model.suffix.lower() == ".onnx" else {}
-    if model.suffix.lower() in (".engine", ".plan"):
-        options.update(build_if_stale=build_if_stale, zero_copy=zero_copy)
-    elif build_if_stale or zero_copy:
-        raise StfpmError("--build-if-stale and --zero-copy apply to TensorRT engines (.engine/.plan) only")
-    if not model.is_file():
-        raise StfpmError(f"{model}: model file not found")
+    options = {"threads": threads, "build_if_stale": build_if_stale, "zero_copy": zero_copy}
+    engine_options(model, **options)  # a missing file or an option the backend does not take: before the source opens
     src = open_source(source)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -17,6 +17,7 @@ class TrainConfig:
     out: str | None = None
     backbone: str = "tf_efficientnet_lite0"
     teacher_weights: str | None = None
+    layers: str = ""  # feature levels (timm out_indices), e.g. "1,2,3"; empty = the backbone's default
     height: int = 256
     width: int = 256
     resize: str = "squash"
@@ -26,8 +27,13 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     val_fraction: float = 0.2
+    calib_fraction: float = 0.0  # > 0: a separate split of good images sets the threshold (not the checkpoint)
+    select: str = "best"  # best (lowest validation loss) or last epoch
     seed: int = 0
-    augment: bool = False
+    augment: str = "none"  # none, flip, rot90 (flips and quarter turns), rotate (any angle, small shifts)
+    amp: str = "off"  # off, bf16 (CPU autocast), fp16 (CUDA autocast), auto (bf16/fp16 where the device has it)
+    blur_sigma: float = 0.0  # Gaussian smoothing of the anomaly map, model-input pixels
+    topk_fraction: float = 0.0  # image score = mean of this fraction of the top map pixels; 0 = max
     cache_teacher: bool = True
     threshold_quantile: float = 0.99
     threads: int = 0
@@ -42,6 +48,10 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     if value is None or default is None:
         return value
     kind = type(default)
+    if name == "augment" and isinstance(value, bool):  # older configs: augment: true meant flips
+        return "flip" if value else "none"
+    if name == "layers" and isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -76,4 +86,22 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise StfpmError("no data set given: pass --data DIR (or data: in the --config file)")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise StfpmError("epochs and batch size must be at least 1")
+    for name, allowed in (("augment", AUGMENTS), ("amp", AMP_MODES), ("select", ("best", "last"))):
+        if getattr(cfg, name) not in allowed:
+            raise StfpmError(f"config: {name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    if not 0.0 <= cfg.calib_fraction < 1.0 or cfg.val_fraction + cfg.calib_fraction >= 1.0:
+        raise StfpmError(f"config: val_fraction + calib_fraction must leave images to train on (got {cfg.val_fraction} + {cfg.calib_fraction})")
     return cfg
+
+
+AUGMENTS = ("none", "flip", "rot90", "rotate")
+AMP_MODES = ("off", "bf16", "fp16", "auto")
+
+
+def parse_layers(text: str) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise StfpmError(f"layers must be comma-separated level indices such as 1,2,3, got {text!r}") from None

@@ -10,10 +10,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .data import Dataset, Geometry, Sample, content_mask, load_images, load_masks
+from .datasets import Dataset, Sample, content_mask, load_images, load_masks
+from .geometry import Geometry
 from .fileio import atomic_write_json, atomic_write_text
 from .metrics import evaluate_scores
-from .thresholds import normalized_score
+from .scoring import is_anomalous, normalized_score, verdict
 
 InferFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -83,11 +84,11 @@ def scores_csv(result: EvalResult, threshold: float | None) -> str:
     w.writerow(["path", "defect", "label", "score", "normalized_score", "verdict"])
     for s, score in zip(result.samples, result.scores):
         if threshold is None:
-            norm, verdict = "", ""
+            norm = ""
         else:
             norm = f"{float(normalized_score(score, threshold)):.6f}"
-            verdict = "anomalous" if score > threshold else "good"
-        w.writerow([str(s.path), s.defect, s.label, f"{float(score):.8g}", norm, verdict])
+            label = verdict(score, threshold)
+        w.writerow([str(s.path), s.defect, s.label, f"{float(score):.8g}", norm, label if threshold is not None else ""])
     return buf.getvalue()
 
 
@@ -123,7 +124,7 @@ def compare_engines(engines: dict[str, InferFn], samples: list[Sample], geometry
         entry["max_abs_score_diff"] = float(np.abs(scores - ref_scores).max())
         entry["max_rel_score_diff"] = float((np.abs(scores - ref_scores) / np.maximum(np.abs(ref_scores), 1e-12)).max())
         if threshold is not None:
-            entry["verdict_flips"] = int(((scores > threshold) != (ref_scores > threshold)).sum())
+            entry["verdict_flips"] = int((is_anomalous(scores, threshold) != is_anomalous(ref_scores, threshold)).sum())
         for key in ("image_auroc", "pixel_auroc", "pixel_f1", "aupro"):
             a, b = entry["metrics"].get(key), ref_metrics.get(key)
             entry[f"delta_{key}"] = None if a is None or b is None else a - b

@@ -56,6 +56,12 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The JSON sidecar of an artifact: ``model.onnx`` -> ``model.onnx.json``, ``x.engine`` -> ``x.engine.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

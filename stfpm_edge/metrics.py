@@ -12,6 +12,8 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import f1_score, precision_recall_curve, roc_auc_score, roc_curve
 
+from .scoring import is_anomalous
+
 
 def _two_classes(labels: np.ndarray) -> bool:
     return labels.size > 0 and labels.min() != labels.max()
@@ -93,9 +95,12 @@ def evaluate_scores(
     else:
         out["notes"].append("image AUROC is undefined: the test set has only one class (good or defect)")
     if threshold is not None and labels.size:
-        predicted = (scores > threshold).astype(int)
+        predicted = is_anomalous(scores, threshold).astype(int)
         out["image_f1"] = float(f1_score(labels, predicted, zero_division=0.0))
         out["image_accuracy"] = float((predicted == labels).mean())
+        # on test good images: they neither trained the student nor selected it nor set the threshold
+        out["false_alarm_rate"] = float(predicted[labels == 0].mean()) if (labels == 0).any() else None
+        out["miss_rate"] = float(1 - predicted[labels == 1].mean()) if (labels == 1).any() else None
     if maps is None or masks is None or has_mask is None or not has_mask.any():
         out["notes"].append("no pixel labels: pixel metrics skipped")
         return out

@@ -6,6 +6,8 @@ itself, so the deployed map is this map.
 
 from __future__ import annotations
 
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backbones
+from .errors import StfpmError
 
 
 def feature_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -35,9 +38,60 @@ def anomaly_map(t_feats: Sequence[torch.Tensor], s_feats: Sequence[torch.Tensor]
     return amap
 
 
-def image_score(amap: torch.Tensor) -> torch.Tensor:
-    """Image score = max of the map -> [N]."""
-    return amap.flatten(1).amax(dim=1)
+def image_score(amap: torch.Tensor, topk: int = 1) -> torch.Tensor:
+    """Image score = max of the map (``topk`` = 1), or the mean of its ``topk`` largest values -> [N]."""
+    flat = amap.flatten(1)
+    if topk <= 1:
+        return flat.amax(dim=1)
+    return flat.topk(min(topk, flat.shape[1]), dim=1).values.mean(dim=1)
+
+
+@dataclass(frozen=True)
+class MapPost:
+    """What happens to the product map before it is reported and scored (stored in the checkpoint).
+
+    ``blur_sigma``: Gaussian smoothing in model-input pixels (0 = none), normalised at the borders
+    so that a flat map stays flat. ``topk_fraction``: the image score is the mean of this fraction
+    of the map's largest pixels (0 = the single maximum, the paper's rule). Both run inside
+    ``STFPM.forward``, so evaluation and every exported engine apply them identically.
+    """
+
+    blur_sigma: float = 0.0
+    topk_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.blur_sigma <= 64.0):
+            raise StfpmError(f"map blur sigma must be between 0 and 64 pixels, got {self.blur_sigma}")
+        if not (0.0 <= self.topk_fraction < 1.0):
+            raise StfpmError(f"score top-k fraction must be in [0, 1), got {self.topk_fraction}")
+
+    def topk(self, height: int, width: int) -> int:
+        # TensorRT's TopK takes k <= 3840
+        return 1 if self.topk_fraction <= 0 else max(1, min(3840, round(self.topk_fraction * height * width)))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(3.0 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def blur_map(amap: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian with zero padding, divided by the blurred ones (exact at the borders).
+
+    Zero padding and plain convolutions only, so every ONNX consumer (TensorRT included) runs it.
+    """
+    r = kernel.numel() // 2
+    kh, kw = kernel.view(1, 1, -1, 1), kernel.view(1, 1, 1, -1)
+
+    def sep(x):
+        return F.conv2d(F.conv2d(x, kh, padding=(r, 0)), kw, padding=(0, r))
+
+    return sep(amap) / sep(torch.ones_like(amap[:1]))
 
 
 class STFPM(nn.Module):
@@ -47,22 +101,30 @@ class STFPM(nn.Module):
     the deploy side only resizes. ``features`` takes already normalised float input, for training.
     """
 
-    def __init__(self, backbone: str, teacher: nn.Module, student: nn.Module):
+    def __init__(self, backbone: str, teacher: nn.Module, student: nn.Module, post: MapPost | None = None):
         super().__init__()
         s = backbones.spec(backbone)
         self.backbone = backbone
         self.teacher = teacher
         self.student = student
+        self.set_post(post or MapPost())
         # x_norm = (pixel/255 - mean) / std, folded into one multiply-add per channel (RGB order)
         mean = torch.tensor(s.mean).view(1, 3, 1, 1)
         std = torch.tensor(s.std).view(1, 3, 1, 1)
         self.register_buffer("in_scale", 1.0 / (255.0 * std), persistent=False)
         self.register_buffer("in_shift", -mean / std, persistent=False)
 
+    def set_post(self, post: MapPost) -> None:
+        """Change the map post-processing (smoothing, score aggregation) in place."""
+        self.post = post
+        kernel = gaussian_kernel(post.blur_sigma) if post.blur_sigma > 0 else torch.zeros(0)
+        self.register_buffer("blur_kernel", kernel, persistent=False)
+
     @classmethod
-    def build(cls, backbone: str, teacher_weights: str | Path | None = None, pretrained: bool = True) -> "STFPM":
-        teacher = backbones.create_teacher(backbone, teacher_weights) if pretrained else _frozen(backbones.create_features(backbone))
-        return cls(backbone, teacher, backbones.create_features(backbone)).to(memory_format=torch.channels_last)
+    def build(cls, backbone: str, teacher_weights: str | Path | None = None, pretrained: bool = True,
+              layers: Sequence[int] | None = None, post: MapPost | None = None) -> "STFPM":
+        teacher = backbones.create_teacher(backbone, teacher_weights, layers) if pretrained else _frozen(backbones.create_features(backbone, layers))
+        return cls(backbone, teacher, backbones.create_features(backbone, layers), post).to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True) -> "STFPM":
         super().train(mode)
@@ -90,7 +152,9 @@ class STFPM(nn.Module):
         if dtype != torch.float32:
             t, s = [f.float() for f in t], [f.float() for f in s]
         amap = anomaly_map(t, s, (x.shape[-2], x.shape[-1]))
-        return amap, image_score(amap)
+        if self.blur_kernel.numel():
+            amap = blur_map(amap, self.blur_kernel)
+        return amap, image_score(amap, self.post.topk(x.shape[-2], x.shape[-1]))
 
 
 def _frozen(m: nn.Module) -> nn.Module:

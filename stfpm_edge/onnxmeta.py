@@ -10,13 +10,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import ModelFileError
-from .fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from .fileio import atomic_write_bytes, atomic_write_json, sha256_file, sidecar_path
 
 META_KEY = "stfpm_edge"
-
-
-def sidecar_path(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
 
 
 def is_head_node(name: str) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .thresholds import normalized_score
+from .scoring import normalized_score
 
 
 def heat_overlay(image_bgr: np.ndarray, amap: np.ndarray, threshold: float | None, alpha: float = 0.45) -> np.ndarray:

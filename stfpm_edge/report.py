@@ -10,7 +10,8 @@ from typing import Any, Iterable
 import cv2
 import numpy as np
 
-from .data import Geometry, decode_image, decode_mask
+from .geometry import Geometry, decode_image, decode_mask
+from .scoring import is_anomalous
 from .errors import StfpmError
 from .fileio import atomic_path, atomic_write_bytes
 from .metrics import image_roc
@@ -76,7 +77,7 @@ def overlays(result, geometry: Geometry, threshold: float | None, out_dir: Path,
         if scale < 1.0:
             vis = cv2.resize(vis, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
         score = float(result.scores[i])
-        bad = None if threshold is None else score > threshold
+        bad = None if threshold is None else bool(is_anomalous(score, threshold))
         verdict = "" if bad is None else (" ANOMALOUS" if bad else " good")
         annotate(vis, f"{s.defect} score {score:.4g}{verdict}", bad)
         ok, png = cv2.imencode(".png", vis)

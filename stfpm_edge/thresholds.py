@@ -2,7 +2,7 @@
 
 Rule: the threshold is the ``quantile`` (default 0.99) of the image scores of the held-out good
 images (the 20% validation split, never trained on), linearly interpolated. No defect image is
-needed. The normalised score maps the threshold to 0.5: ``clip(0.5 * score / threshold, 0, 1)``.
+needed. The verdict rule and the normalised score are in ``scoring`` (run side).
 """
 
 from __future__ import annotations
@@ -33,7 +33,3 @@ def normal_statistics(scores: np.ndarray) -> dict[str, float]:
         "p99": float(np.quantile(s, 0.99)),
     }
 
-
-def normalized_score(score, threshold: float):
-    """0.5 at the threshold, 0 at a perfect match, 1 at twice the threshold or more."""
-    return np.clip(0.5 * np.asarray(score, dtype=np.float32) / np.float32(threshold), 0.0, 1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime
 from pathlib import Path
@@ -9,16 +10,18 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import __version__
 from .backbones import spec
 from .checkpoint import atomic_torch_save, save_checkpoint
-from .config import TrainConfig
-from .data import Geometry, discover, load_images, split_train_val
+from .config import TrainConfig, parse_layers
+from .datasets import discover, heldout_splits, load_images
+from .geometry import Geometry
 from .errors import StfpmError
 from .evaluate import evaluate, predict, write_outputs
 from .fileio import atomic_write_json, sha256_file
-from .model import STFPM, stfpm_loss
+from .model import STFPM, MapPost, stfpm_loss
 from .thresholds import normal_statistics, threshold_from_normal
 
 LAST = "last.pt"  # resume state, rewritten atomically after every epoch
@@ -62,33 +65,81 @@ def _batches(n: int, batch_size: int, generator: torch.Generator | None):
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    # random horizontal and vertical flips per image
-    n = x.shape[0]
-    h = torch.rand(n, generator=generator) < 0.5
-    v = torch.rand(n, generator=generator) < 0.5
-    x = torch.where(h.view(-1, 1, 1, 1).to(x.device), x.flip(3), x)
-    return torch.where(v.view(-1, 1, 1, 1).to(x.device), x.flip(2), x)
+def augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
+    """Random geometric variation of a normalised batch [N, C, H, W], drawn per image.
+
+    ``flip``: horizontal and vertical flips. ``rot90``: flips and quarter turns (the 8 symmetries
+    of a square; half turns only on non-square inputs). ``rotate``: any angle and shifts of up to
+    5% of the size, bilinear, reflecting at the borders (parts that lie at any angle on the line).
+    """
+    if mode == "none":
+        return x
+    n, dev = x.shape[0], x.device
+    pick = lambda: (torch.rand(n, generator=generator) < 0.5).view(-1, 1, 1, 1).to(dev)  # noqa: E731
+    if mode in ("flip", "rot90"):
+        x = torch.where(pick(), x.flip(3), x)
+        x = torch.where(pick(), x.flip(2), x)
+        if mode == "rot90" and x.shape[2] == x.shape[3]:
+            x = torch.where(pick(), x.transpose(2, 3), x)  # with the flips: all 8 symmetries
+        return x
+    if mode == "rotate":
+        angle = (torch.rand(n, generator=generator) * 2 - 1) * math.pi
+        shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * 0.1  # grid units: 0.1 = 5% of the size
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+        grid = F.affine_grid(theta.to(dev, x.dtype), list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    raise StfpmError(f"unknown augmentation {mode!r}")
 
 
-def run_epoch(model: STFPM, images: np.ndarray, cache: TeacherCache | None, optimizer, cfg: TrainConfig, generator: torch.Generator) -> float:
+def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` on ``device``, or None for full FP32."""
+    if mode == "off":
+        return None
+    if device.type == "cuda":
+        if mode == "fp16" or (mode == "auto" and not torch.cuda.is_bf16_supported()):
+            return torch.float16
+        return torch.bfloat16
+    if mode == "fp16":
+        raise StfpmError("--amp fp16 is for CUDA GPUs; on the CPU use bf16")
+    if mode == "auto" and not _cpu_has_bf16():
+        return None
+    return torch.bfloat16
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def run_epoch(model: STFPM, images: np.ndarray, cache: TeacherCache | None, optimizer, cfg: TrainConfig, generator: torch.Generator,
+              amp: torch.dtype | None = None, scaler=None) -> float:
     """One pass of the student over the training images; returns the mean batch loss."""
     model.train()
     device = next(model.parameters()).device
     losses = []
     for idx in _batches(len(images), cfg.batch_size, generator):
         x = model.normalize(torch.from_numpy(images[idx.numpy()]).to(device))
-        if cfg.augment:
-            x = _augment(x, generator)
-        if cache is not None:
-            t = cache[idx]
-        else:
-            with torch.no_grad():
-                t = model.teacher(x)
-        loss = stfpm_loss(t, model.student(x))
+        x = augment(x, cfg.augment, generator)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            if cache is not None:
+                t = cache[idx]
+            else:
+                with torch.no_grad():
+                    t = model.teacher(x)
+            s = model.student(x)
+        loss = stfpm_loss([f.float() for f in t], [f.float() for f in s])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         losses.append(loss.item())
     return float(np.mean(losses))
 
@@ -119,17 +170,22 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> tupl
         raise StfpmError(f"{run_dir}: run folder exists and is not empty; pass --resume to continue it or choose another --out")
     if resume and not (run_dir / LAST).is_file() and (run_dir / MODEL).is_file():
         raise StfpmError(f"{run_dir}: nothing to resume, this run finished ({MODEL} is there); choose another --out to train again")
-    train_s, val_s = split_train_val(dataset.train, cfg.val_fraction, cfg.seed)
+    train_s, val_s, calib_s = heldout_splits(dataset.train, cfg.val_fraction, cfg.calib_fraction, cfg.seed)
+    post = MapPost(cfg.blur_sigma, cfg.topk_fraction)
+    layers = parse_layers(cfg.layers)
     # decode everything up front: a bad file fails here, before anything is written
     train_imgs, _ = load_images(train_s, geometry, progress=progress, desc="train images")
     val_imgs, _ = load_images(val_s, geometry, progress=progress, desc="validation images")
+    calib_imgs = load_images(calib_s, geometry, progress=progress, desc="calibration images")[0] if calib_s else val_imgs
 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    model = STFPM.build(cfg.backbone, cfg.teacher_weights).to(device)
+    amp = autocast_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    model = STFPM.build(cfg.backbone, cfg.teacher_weights, layers=layers, post=post).to(device)
     optimizer = torch.optim.SGD(model.student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
-    use_cache = cfg.cache_teacher and not cfg.augment
+    use_cache = cfg.cache_teacher and cfg.augment == "none"
     cache_train = TeacherCache(model, train_imgs, cfg.batch_size) if use_cache else None
     cache_val = TeacherCache(model, val_imgs, cfg.batch_size)  # validation images are never augmented
 
@@ -151,11 +207,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> tupl
     bar = tqdm(range(start_epoch, cfg.epochs), desc="training", unit="epoch", disable=not progress, initial=start_epoch, total=cfg.epochs)
     for epoch in bar:
         t0 = time.perf_counter()
-        train_loss = run_epoch(model, train_imgs, cache_train, optimizer, cfg, generator)
+        train_loss = run_epoch(model, train_imgs, cache_train, optimizer, cfg, generator, amp, scaler)
         val_loss = validation_loss(model, val_imgs, cache_val, cfg.batch_size)
         if not np.isfinite(train_loss):
             raise StfpmError(f"training diverged at epoch {epoch + 1} (loss {train_loss}); lower --lr")
-        if val_loss < best_loss:
+        if val_loss < best_loss or cfg.select == "last":
             best_loss, best_epoch = val_loss, epoch
             best_state = {k: v.detach().clone() for k, v in model.student.state_dict().items()}
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "seconds": time.perf_counter() - t0})
@@ -171,18 +227,22 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> tupl
     model.eval()
     from .engines.torch_engine import TorchEngine
 
-    val_maps, val_scores = predict(TorchEngine.from_model(model, {"geometry": geometry.to_dict()}).infer, val_imgs)
+    val_maps, val_scores = predict(TorchEngine.from_model(model, {"geometry": geometry.to_dict()}).infer, calib_imgs)
     threshold = threshold_from_normal(val_scores, cfg.threshold_quantile)
     epoch_seconds = [h["seconds"] for h in history]
     meta: dict[str, Any] = {
         "backbone": cfg.backbone,
+        "layers": list(model.teacher.feature_info.out_indices),
+        "map_post": post.to_dict(),
         "geometry": geometry.to_dict(),
         "input": {"dtype": "uint8", "layout": "NHWC", "colour_order": "BGR"},
         "normalization": {"colour_order": "RGB", "mean": list(spec(cfg.backbone).mean), "std": list(spec(cfg.backbone).std)},
-        "threshold": {"image": threshold, "rule": f"quantile {cfg.threshold_quantile} of held-out good image scores", "quantile": cfg.threshold_quantile},
+        "threshold": {"image": threshold, "quantile": cfg.threshold_quantile,
+                      "rule": f"quantile {cfg.threshold_quantile} of the image scores of {len(calib_imgs)} held-out good images"
+                              + (" (a calibration split that did not select the checkpoint)" if calib_s else " (the validation split)")},
         "normal_stats": {"image_scores": normal_statistics(val_scores), "pixel_max": float(val_maps.max())},
         "config": cfg.to_dict(),
-        "dataset": {"name": dataset.name, "layout": dataset.layout, "root": str(dataset.root), "n_train": len(train_s), "n_val": len(val_s), "n_test": len(dataset.test)},
+        "dataset": {"name": dataset.name, "layout": dataset.layout, "root": str(dataset.root), "n_train": len(train_s), "n_val": len(val_s), "n_calib": len(calib_s), "n_test": len(dataset.test)},
         "training": {"epochs": cfg.epochs, "best_epoch": best_epoch + 1, "best_val_loss": best_loss, "history": history,
                       "seconds_per_epoch": float(np.median(epoch_seconds)) if epoch_seconds else None},
         "tool_version": __version__,

@@ -4,7 +4,8 @@ import cv2
 import numpy as np
 import pytest
 
-from stfpm_edge.data import Geometry, Sample, decode_image, discover, load_images, load_masks, split_train_val
+from stfpm_edge.datasets import Sample, discover, load_images, load_masks, split_train_val
+from stfpm_edge.geometry import Geometry, decode_image
 from stfpm_edge.errors import DataError
 
 

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from stfpm_edge.cli import app
 from stfpm_edge.engines import FrameError, open_engine
 from stfpm_edge.errors import ModelFileError, StfpmError
-from stfpm_edge.export.onnx_export import export_onnx, parity_ok, sidecar_path, verify_export
+from stfpm_edge.export.onnx_export import export_onnx, parity_ok, verify_export
+from stfpm_edge.fileio import sidecar_path
 from tests.conftest import run_without_modules
 
 runner = CliRunner()
@@ -184,7 +185,7 @@ def test_int8_tensorrt_variant_is_symmetric_qdq(exported, tmp_path, synthetic_mv
         assert zp.dtype == np.int8 and not zp.any(), n.name  # symmetric: zero point 0
     # the head computes in FP32: none of its results is quantised again (the backbone features
     # entering it may be, as the INT8 backbone's outputs)
-    from stfpm_edge.export.onnx_export import is_head_node
+    from stfpm_edge.onnxmeta import is_head_node
 
     head_outputs = {o for n in proto.graph.node if is_head_node(n.name) and n.op_type in ("ReduceL2", "Div", "Sub", "Pow", "ReduceSum", "Resize", "Mul") for o in n.output}
     assert head_outputs and not any(n.input[0] in head_outputs for n in q)

@@ -46,7 +46,7 @@ def onnx_models(tmp_path_factory):
 
 @pytest.mark.parametrize("precision,auroc_tol", [("fp16", 0.001), ("int8", 0.01)])
 def test_engine_matches_onnxruntime_fp32(onnx_models, precision, auroc_tol):
-    from stfpm_edge.data import discover
+    from stfpm_edge.datasets import discover
     from stfpm_edge.engines import open_engine
     from stfpm_edge.engines.trt_build import BuildOptions, build_engine, detect_features
     from stfpm_edge.evaluate import compare_engines
@@ -75,5 +75,5 @@ def test_engine_context_released_cleanly(onnx_models):
     for _ in range(2):  # open, use and close twice in one process: the context stack must be empty after each
         with open_engine(path) as eng:
             m, s = eng.infer(np.zeros((3, eng.geometry.height, eng.geometry.width, 3), np.uint8))
-            assert m.shape[0] == 3 and set(eng.last_timings_ms) == {"h2d", "compute", "d2h"}
+            assert m.shape[0] == 3 and set(eng.device_timings()) == {"h2d", "compute", "d2h"}
         assert cuda.Context.get_current() is None

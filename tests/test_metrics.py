@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from stfpm_edge.metrics import aupro, best_f1, evaluate_scores
-from stfpm_edge.thresholds import normalized_score, threshold_from_normal
+from stfpm_edge.scoring import normalized_score
+from stfpm_edge.thresholds import threshold_from_normal
 
 
 def test_image_auroc_known_cases():

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from stfpm_edge.data import Geometry
+from stfpm_edge.geometry import Geometry
 from stfpm_edge.errors import StfpmError
 from stfpm_edge.stream.linescan import LineScanOptions, Tiler, merge_detections, run_linescan, tile_starts
 from stfpm_edge.stream.pipeline import RunOptions, run_stream

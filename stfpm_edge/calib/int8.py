@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from ..data import Geometry, discover, evenly_spaced, load_images, split_train_val
+from ..datasets import discover, evenly_spaced, heldout_splits, load_images
+from ..geometry import Geometry
 from ..errors import StfpmError
 from ..onnxmeta import is_head_node, save_onnx
 
@@ -61,12 +62,15 @@ def calibrate_int8(onnx_fp32: str | Path, out: str | Path, data: str | Path | No
         input_name = fp32.input_name
     if meta.get("precision") != "fp32":
         raise StfpmError(f"{onnx_fp32}: calibrate an FP32 export (this one is {meta.get('precision')})")
-    seed = 0
     data = data or ((meta.get("dataset") or {}).get("root"))
     if data is None:
         raise StfpmError("pass --data DIR: the good training images to calibrate on")
+    # calibrate on the model's own training split (its config travels in the metadata)
+    cfg = meta.get("config") or {}
+    seed = int(cfg.get("seed", 0))
     ds = discover(data, seed=seed)
-    train, _ = split_train_val(ds.train, 0.2, seed) if len(ds.train) > 1 else (ds.train, [])
+    train = (heldout_splits(ds.train, float(cfg.get("val_fraction", 0.2)), float(cfg.get("calib_fraction", 0.0)), seed)[0]
+             if len(ds.train) > 1 else ds.train)
     picked = evenly_spaced(train, n_images)
     frames, _ = load_images(picked, Geometry(**meta["geometry"]), progress=progress, desc="calibration images")
     if len(frames) < batch:

@@ -3,7 +3,7 @@
 An engine is a context manager that owns its runtime resources and exposes
 ``infer(frames) -> (maps, scores)``: ``frames`` are uint8 BGR images already fitted to the model
 size (``Geometry.fit_image``), shaped [N, H, W, 3] (or one [H, W, 3] frame); ``maps`` come back as
-float32 [N, H, W], ``scores`` as float32 [N] (raw; see ``thresholds.normalized_score``).
+float32 [N, H, W], ``scores`` as float32 [N] (raw; see ``scoring``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data import Geometry
+from ..geometry import Geometry
 from ..errors import ModelFileError, StfpmError
 
 
@@ -24,6 +24,7 @@ class FrameError(StfpmError):
 
 class Engine:
     name = "base"
+    OPTIONS: tuple[str, ...] = ()  # keyword options the backend takes; open_engine routes only these
 
     def __init__(self, path: str | Path, meta: dict[str, Any]):
         self.path = Path(path)
@@ -43,6 +44,10 @@ class Engine:
 
     def close(self) -> None:  # overridden by backends that hold resources
         pass
+
+    def device_timings(self) -> dict[str, float]:
+        """Per-stage device times of the last ``infer`` (ms); empty for host-only backends."""
+        return {}
 
     def check_frames(self, frames: np.ndarray) -> np.ndarray:
         frames = np.asarray(frames)
@@ -76,14 +81,12 @@ _BACKENDS = {
 }
 
 
-def open_engine(path: str | Path, **options: Any) -> Engine:
-    """Open a model file with the backend its suffix names (``.pt``, ``.onnx``, ``.engine``/``.plan``)."""
+def backend_class(path: str | Path) -> type[Engine]:
+    """The backend class for a model file, by suffix; imports its module (not its runtime)."""
     path = Path(path)
     target = _BACKENDS.get(path.suffix.lower())
     if target is None:
         raise ModelFileError(f"{path}: unknown model type; expected one of {', '.join(sorted(_BACKENDS))}")
-    if not path.is_file():
-        raise ModelFileError(f"{path}: model file not found")
     module_name, cls_name = target.split(":")
     try:
         module = importlib.import_module(module_name)
@@ -91,4 +94,29 @@ def open_engine(path: str | Path, **options: Any) -> Engine:
         if exc.name and exc.name.startswith("stfpm_edge"):
             raise ModelFileError(f"{path}: the backend for {path.suffix} files is not available in this version") from None
         raise
-    return getattr(module, cls_name)(path, **options)
+    return getattr(module, cls_name)
+
+
+def engine_options(path: str | Path, **options: Any) -> dict[str, Any]:
+    """Check a model file and route ``options`` to its backend: the ones it takes, or a clear error.
+
+    ``options`` may hold any backend's options (``threads``, ``build_if_stale``, ``zero_copy``...).
+    One the backend does not take, set to a non-default value, is an error naming the backends that
+    take it, never silently ignored. Opens nothing, so callers can check before starting work.
+    """
+    path = Path(path)
+    cls = backend_class(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
+    foreign = sorted(k for k, v in options.items() if k not in cls.OPTIONS and v not in (None, False, 0, ""))
+    if foreign:
+        takers = [f"{c.name} ({s})" for s, c in ((s, backend_class(Path("x" + s))) for s in _BACKENDS) if any(n in c.OPTIONS for n in foreign)]
+        raise StfpmError(f"{path}: option(s) {', '.join(foreign)} do not apply to {cls.name} models ({path.suffix}); "
+                         f"they apply to {', '.join(dict.fromkeys(takers)) or 'no backend'}")
+    return {k: v for k, v in options.items() if k in cls.OPTIONS}
+
+
+def open_engine(path: str | Path, **options: Any) -> Engine:
+    """Open a model file with the backend its suffix names (``.pt``, ``.onnx``, ``.engine``/``.plan``),
+    passing it the options it takes (see ``engine_options``)."""
+    return backend_class(path)(Path(path), **engine_options(path, **options))

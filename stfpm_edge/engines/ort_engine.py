@@ -16,6 +16,7 @@ def read_onnx_metadata(session, path: Path) -> dict:
 
 class OrtEngine(Engine):
     name = "onnxruntime"
+    OPTIONS = ("threads", "providers")
 
     def __init__(self, path: str | Path, threads: int = 0, providers: list[str] | None = None):
         import onnxruntime as ort

@@ -13,8 +13,11 @@ from .base import Engine
 
 class TorchEngine(Engine):
     name = "torch"
+    OPTIONS = ("device", "batch_size", "threads")
 
-    def __init__(self, path: str | Path, device: str = "cpu", batch_size: int = 16):
+    def __init__(self, path: str | Path, device: str = "cpu", batch_size: int = 16, threads: int = 0):
+        if threads > 0:
+            torch.set_num_threads(threads)
         self.model, meta = load_checkpoint(path)
         super().__init__(path, meta)
         self.device = torch.device(device)

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailable, ModelFileError, StfpmError
-from ..fileio import atomic_write_bytes, atomic_write_json, sha256_file
-from ..onnxmeta import is_head_node, metadata_from_props, sidecar_path
+from ..fileio import atomic_write_bytes, atomic_write_json, sha256_file, sidecar_path
+from ..onnxmeta import is_head_node, metadata_from_props
 
 PRECISIONS = ("fp32", "fp16", "int8")
 INSTALL_HINT = ("TensorRT is not installed. On a desktop GPU: pip install 'stfpm-edge[tensorrt]' (tensorrt, pycuda); "
@@ -196,7 +196,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path = "engines", options
         "engine_sha256": sha256_file(engine_path),
         "model": meta,
     }
-    atomic_write_json(engine_sidecar(engine_path), sidecar)
+    atomic_write_json(sidecar_path(engine_path), sidecar)
     return engine_path, sidecar
 
 
@@ -204,10 +204,6 @@ def engine_name(onnx_path: Path, precision: str) -> str:
     """model.onnx -> model_fp16.engine; model_int8.onnx -> model_int8.engine (no doubled suffix)."""
     stem = onnx_path.stem
     return f"{stem}.engine" if stem.endswith(f"_{precision}") else f"{stem}_{precision}.engine"
-
-
-def engine_sidecar(engine_path: Path) -> Path:
-    return engine_path.with_name(engine_path.name + ".json")
 
 
 def stale_reasons(sidecar: dict[str, Any], trt_version: str, gpu: dict[str, Any], onnx_sha256: str | None) -> list[str]:

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendUnavailable, ModelFileError
-from ..fileio import sha256_file
 from .base import Engine
-from .trt_build import BuildOptions, build_engine, engine_sidecar, gpu_info, import_tensorrt, rebuild_command, stale_reasons
+from ..fileio import sha256_file, sidecar_path
+from .trt_build import BuildOptions, build_engine, gpu_info, import_tensorrt, rebuild_command, stale_reasons
 
 
 def _load_sidecar(path: Path) -> dict:
-    side = engine_sidecar(path)
+    side = sidecar_path(path)
     if not side.is_file():
         raise ModelFileError(f"{path}: no sidecar {side.name}; engines are only usable with the sidecar `stfpm-edge build` writes")
     return json.loads(side.read_text())
@@ -30,6 +30,7 @@ def _load_sidecar(path: Path) -> dict:
 
 class TensorRTEngine(Engine):
     name = "tensorrt"
+    OPTIONS = ("build_if_stale", "zero_copy", "device")
 
     def __init__(self, path: str | Path, build_if_stale: bool = False, zero_copy: bool = False, device: int = 0):
         path = Path(path)
@@ -127,6 +128,10 @@ class TensorRTEngine(Engine):
             maps.append(self._buffers["anomaly_map"][0][:n].copy())
             scores.append(self._buffers["score"][0][:n].copy())
         return np.concatenate(maps), np.concatenate(scores)
+
+    def device_timings(self) -> dict[str, float]:
+        """Host-to-device, compute and device-to-host of the last batch, from CUDA events (ms)."""
+        return dict(self.last_timings_ms)
 
     def close(self) -> None:
         if getattr(self, "_ctx", None) is None:

@@ -21,7 +21,8 @@ from ..checkpoint import load_checkpoint
 from ..errors import StfpmError
 from ..fileio import sha256_file
 from ..model import STFPM, flops_per_frame
-from ..onnxmeta import is_head_node, save_onnx, sidecar_path  # noqa: F401  (re-exported for callers)
+from ..scoring import normalized_score
+from ..onnxmeta import save_onnx
 
 OPSET = 17  # the ceiling of TensorRT 8.6 (JetPack 5 / 6.0)
 INPUT = "frames"
@@ -39,7 +40,7 @@ class Deployable(nn.Module):
 
     def forward(self, frames: torch.Tensor):
         amap, score = self.model(frames)
-        return amap, score, torch.clamp(score * (0.5 / self.threshold), 0.0, 1.0)
+        return amap, score, normalized_score(score, self.threshold)
 
 
 class _StaticPadConv2d(nn.Conv2d):
@@ -80,7 +81,7 @@ def freeze_same_padding(model: nn.Module, example: torch.Tensor) -> int:
 
 
 def deploy_metadata(meta: dict[str, Any], checkpoint: Path, precision: str, batch: int | None) -> dict[str, Any]:
-    keep = ("backbone", "geometry", "input", "normalization", "threshold", "normal_stats", "dataset")
+    keep = ("backbone", "layers", "map_post", "geometry", "input", "normalization", "threshold", "normal_stats", "dataset", "config")
     out = {k: meta[k] for k in keep if k in meta}
     out.update({
         "format": "stfpm-edge/onnx/1",
@@ -135,7 +136,7 @@ def verify_export(onnx_path: str | Path, checkpoint: str | Path, data: str | Pat
     """ONNX checker, then ONNX Runtime against the PyTorch checkpoint on real test images."""
     import onnx
 
-    from ..data import discover, evenly_spaced
+    from ..datasets import discover, evenly_spaced
     from ..engines.ort_engine import OrtEngine
     from ..engines.torch_engine import TorchEngine
     from ..evaluate import compare_engines

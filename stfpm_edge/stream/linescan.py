@@ -18,10 +18,10 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
-from ..bench import percentiles
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..render import heat_overlay
-from ..thresholds import normalized_score
+from ..scoring import is_anomalous, normalized_score, verdict
+from ..timing import percentiles
 from .pipeline import BlockingQueue, Counters, JsonlWriter, RunOptions, _capture, _END
 from .sources import Source
 
@@ -104,7 +104,7 @@ def tile_detections(tmap: np.ndarray, threshold: float, margin: int, inner_sides
     its border: feature maps near an image border are less reliable, and with the overlap every
     web position lies at least ``margin`` inside some tile.
     """
-    mask = (tmap > threshold).astype(np.uint8)
+    mask = is_anomalous(tmap, threshold).astype(np.uint8)
     n, labels = cv2.connectedComponents(mask, connectivity=8)
     h, w = tmap.shape
     out = []
@@ -176,9 +176,9 @@ def run_linescan(engine_factory: Callable[[], Any], source: Source, opts: LineSc
                     small = cv2.resize(tmap, (max(1, tw // ds), max(1, sy1 - sy0)), interpolation=cv2.INTER_AREA)
                     region = strip_map[sy0 : sy0 + small.shape[0], sx0 : sx0 + small.shape[1]]
                     np.maximum(region, small[: region.shape[0], : region.shape[1]], out=region)
-                bad = score > thr
+                bad = bool(is_anomalous(score, thr))
                 record = {"tile": n_tiles, "row0": y0, "col0": x0, "rows": th, "cols": tw, "score": score,
-                          "normalized_score": float(normalized_score(score, thr)), "verdict": "anomalous" if bad else "good",
+                          "normalized_score": float(normalized_score(score, thr)), "verdict": verdict(score, thr),
                           "latency_ms": {"inference": round((t1 - t0) * 1e3, 3)}}
                 if bad:
                     found = tile_detections(tmap, thr, margin, (y0 > 0, y0 + th < tiler.total or not finishing, x0 > 0, x0 + tw < tiler.width))

@@ -21,7 +21,8 @@ import numpy as np
 
 from ..fileio import atomic_write_bytes, atomic_write_json, mask_secrets
 from ..render import annotate, heat_overlay
-from ..thresholds import normalized_score
+from ..scoring import normalized_score, verdict
+from ..timing import percentiles
 from .sources import Source
 
 _END = object()
@@ -125,8 +126,6 @@ def _crop(img: np.ndarray, roi) -> np.ndarray:
 
 
 def summarize(c: Counters, wall_s: float) -> dict[str, Any]:
-    from ..bench import percentiles
-
     lat = {stage: percentiles(vals) for stage, vals in c.latency.items() if vals}
     return {
         "frames_read": c.read, "frames_inspected": c.inspected, "frames_dropped": c.dropped, "frames_failed": c.failed,
@@ -205,7 +204,7 @@ def run_stream(engine_factory: Callable[[], Any], source: Source, opts: RunOptio
                     t2 = time.perf_counter()
                     score = float(scores[0])
                     thr = engine.threshold
-                    out = {"score": score, "normalized_score": float(normalized_score(score, thr)), "verdict": "anomalous" if score > thr else "good", "map": maps[0]}
+                    out = {"score": score, "normalized_score": float(normalized_score(score, thr)), "verdict": verdict(score, thr), "map": maps[0]}
                     t3 = time.perf_counter()
                     results.put((frame, out, {"wait": (t0 - t_arrival) * 1e3, "preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3, "postprocess": (t3 - t2) * 1e3}, t_arrival))
         except BaseException as exc:  # surfaced by the caller after the pipeline drained

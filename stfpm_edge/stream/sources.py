@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 import cv2
 import numpy as np
 
-from ..data import IMAGE_SUFFIXES, decode_image, to_bgr8
+from ..geometry import IMAGE_SUFFIXES, decode_image, to_bgr8
 from ..errors import DataError, StfpmError
 from ..fileio import mask_secrets
 
