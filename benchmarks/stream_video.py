@@ -12,7 +12,6 @@ import argparse
 import json
 from pathlib import Path
 
-
 from stfpm_edge.demo import make_video
 from stfpm_edge.engines import open_engine
 from stfpm_edge.stream.pipeline import RunOptions, run_stream

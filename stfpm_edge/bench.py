@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .geometry import Geometry
 from .errors import BackendUnavailable, StfpmError
+from .geometry import Geometry
 from .scoring import is_anomalous, normalized_score
 from .timing import percentiles  # noqa: F401  (part of the benchmark's API)
 

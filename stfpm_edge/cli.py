@@ -155,25 +155,17 @@ def export(
     data: Optional[Path] = typer.Option(None, "--data", help="data for verification [default: the checkpoint's training data]"),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="verify on at most this many test images"),
 ):
-    from .export.onnx_export import export_onnx, parity_ok, verify_export
-    from .fileio import sidecar_path
-    from .fileio import atomic_write_json
+    from .export.onnx_export import export_verified
 
     out = out or checkpoint.with_name("model.onnx" if precision == "fp32" else f"model_{precision}.onnx")
-    info = export_onnx(checkpoint, out, batch=batch, dynamic=dynamic, precision=precision)
-    typer.echo(f"wrote {out} ({info['precision']}, batch {info['batch']}, opset {info['opset']}) and {sidecar_path(out).name}")
-    if not verify:
+    info, report = export_verified(checkpoint, out, batch, dynamic, precision, verify, data, max_images)
+    if report is not None:
+        _print_parity(report)
+    typer.echo(f"wrote {out} ({info['precision']}, batch {info['batch']}, opset {info['opset']}) and {out.name}.json")
+    if report is None:
         typer.echo("verification skipped (--no-verify)")
-        return
-    report = verify_export(out, checkpoint, data, max_images)
-    _print_parity(report)
-    ok, problems = parity_ok(report) if precision == "fp32" else (True, [])
-    report["parity_ok"] = ok
-    atomic_write_json(out.with_name(out.name + ".verify.json"), report)
-    if not ok:
-        out.rename(out.with_name(out.name + ".failed"))
-        raise StfpmError("parity check failed: " + "; ".join(problems) + f". The graph was renamed to {out.name}.failed")
-    typer.echo("parity: OK" if precision == "fp32" else "fidelity report written (see deltas above)")
+    else:
+        typer.echo("parity: OK" if precision == "fp32" else "fidelity report written (see deltas above)")
 
 
 @command("verify", help="Check an exported ONNX graph against its checkpoint on real images.")
@@ -236,8 +228,8 @@ def bench(
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a latency histogram PNG"),
 ):
     from .bench import histogram_plot, machine_info, markdown_table, open_backends, run_benchmark
-    from .geometry import decode_image
     from .fileio import atomic_write_json
+    from .geometry import decode_image
 
     try:
         sizes = [int(b) for b in batch.split(",") if b.strip()]
@@ -251,8 +243,9 @@ def bench(
         if image is not None:
             frame = decode_image(image)
         else:
-            from .synthetic import texture
             import numpy as np
+
+            from .synthetic import texture
 
             frame = texture(np.random.default_rng(0), geo.height, geo.width)
         results = run_benchmark(backends, [frame], sizes, iters, warmup)

@@ -47,7 +47,7 @@ def make_web(rows: int, width: int, defect_rows: list[int], seed: int) -> np.nda
 def run_demo(out: Path, epochs: int = 40, size: int = 128, n_frames: int = 300, web_rows: int = 3200, seed: int = 0) -> dict[str, Any]:
     from .config import load_config
     from .engines import open_engine
-    from .export.onnx_export import export_onnx, parity_ok, verify_export
+    from .export.onnx_export import export_verified
     from .stream.linescan import LineScanOptions, run_linescan
     from .stream.pipeline import RunOptions, run_stream
     from .stream.sources import IterSource, open_source
@@ -64,11 +64,9 @@ def run_demo(out: Path, epochs: int = 40, size: int = 128, n_frames: int = 300, 
     run_dir, metrics = train(cfg, resume=(out / "train" / "last.pt").is_file())
     print(f"[2/5] trained {epochs} epochs: image AUROC {metrics['image_auroc']:.3f}, pixel AUROC {metrics['pixel_auroc']:.3f}")
     onnx_path = out / "model.onnx"
-    export_onnx(run_dir / "model.pt", onnx_path)
-    report = verify_export(onnx_path, run_dir / "model.pt", data, progress=False)
-    ok, problems = parity_ok(report)
-    print(f"[3/5] exported {onnx_path}: parity {'OK' if ok else 'FAILED: ' + '; '.join(problems)} "
-          f"(max |dmap| {report['engines']['onnxruntime']['max_abs_map_diff']:.2g})")
+    _, report = export_verified(run_dir / "model.pt", onnx_path, data=data, progress=False)  # raises unless parity holds
+    ok = report["parity_ok"]
+    print(f"[3/5] exported {onnx_path}: parity OK (max |dmap| {report['engines']['onnxruntime']['max_abs_map_diff']:.2g})")
 
     video = out / "video.mp4"
     bad_frames = make_video(video, n_frames, (src, src), every=10, seed=seed + 1)

@@ -11,8 +11,8 @@ from typing import Any, Callable
 import numpy as np
 
 from .datasets import Dataset, Sample, content_mask, load_images, load_masks
-from .geometry import Geometry
 from .fileio import atomic_write_json, atomic_write_text
+from .geometry import Geometry
 from .metrics import evaluate_scores
 from .scoring import is_anomalous, normalized_score, verdict
 

@@ -67,7 +67,8 @@ class MapPost:
 
     def topk(self, height: int, width: int) -> int:
         # TensorRT's TopK takes k <= 3840
-        return 1 if self.topk_fraction <= 0 else max(1, min(3840, round(self.topk_fraction * height * width)))
+        # int(): under the ONNX tracer sizes are tensors; the model size is fixed, so k is a constant
+        return 1 if self.topk_fraction <= 0 else max(1, min(3840, round(self.topk_fraction * int(height) * int(width))))
 
     def to_dict(self) -> dict:
         return asdict(self)

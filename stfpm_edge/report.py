@@ -10,12 +10,12 @@ from typing import Any, Iterable
 import cv2
 import numpy as np
 
-from .geometry import Geometry, decode_image, decode_mask
-from .scoring import is_anomalous
 from .errors import StfpmError
 from .fileio import atomic_path, atomic_write_bytes
+from .geometry import Geometry, decode_image, decode_mask
 from .metrics import image_roc
 from .render import annotate, heat_overlay
+from .scoring import is_anomalous
 
 MVTEC_CATEGORIES = (
     "carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule",

@@ -17,10 +17,10 @@ from .backbones import spec
 from .checkpoint import atomic_torch_save, save_checkpoint
 from .config import TrainConfig, parse_layers
 from .datasets import discover, heldout_splits, load_images
-from .geometry import Geometry
 from .errors import StfpmError
 from .evaluate import evaluate, predict, write_outputs
 from .fileio import atomic_write_json, sha256_file
+from .geometry import Geometry
 from .model import STFPM, MapPost, stfpm_loss
 from .thresholds import normal_statistics, threshold_from_normal
 

@@ -2,7 +2,6 @@
 
 import json
 
-
 from tests.conftest import bottle_or_skip
 
 

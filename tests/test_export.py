@@ -2,28 +2,17 @@
 
 import json
 
-import numpy as np
 import onnx
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from stfpm_edge.cli import app
-from stfpm_edge.engines import FrameError, open_engine
-from stfpm_edge.errors import ModelFileError, StfpmError
+from stfpm_edge.errors import StfpmError
 from stfpm_edge.export.onnx_export import export_onnx, parity_ok, verify_export
 from stfpm_edge.fileio import sidecar_path
-from tests.conftest import run_without_modules
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_run, tmp_path_factory):
-    run_dir, _ = tiny_run
-    out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
-    export_onnx(run_dir / "model.pt", out)
-    return run_dir / "model.pt", out
 
 
 def test_fused_graph_io_and_metadata(exported):
@@ -74,71 +63,6 @@ def test_parity_check_catches_a_different_model(exported, synthetic_mvtec, tmp_p
     assert not ok and "map" in problems[0]
 
 
-def test_suffix_dispatch_and_same_answers(exported):
-    ckpt, path = exported
-    frames = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
-    with open_engine(ckpt) as t, open_engine(path) as o:
-        assert (t.name, o.name) == ("torch", "onnxruntime")
-        (tm, ts), (om, os_) = t.infer(frames), o.infer(frames)  # 3 frames through a batch-1 graph
-    assert tm.shape == om.shape == (3, 64, 64) and ts.shape == os_.shape == (3,)
-    np.testing.assert_allclose(om, tm, rtol=1e-4, atol=1e-6)
-    with pytest.raises(ModelFileError, match="unknown model type"):
-        open_engine(path.with_suffix(".tflite"))
-
-
-def test_dynamic_batch_and_normalized_score(exported, tmp_path):
-    ckpt, _ = exported
-    out = tmp_path / "dyn.onnx"
-    meta = export_onnx(ckpt, out, dynamic=True)
-    assert meta["batch"] == "dynamic"
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    frames = np.full((5, 64, 64, 3), 128, np.uint8)
-    amap, score, norm = sess.run(None, {"frames": frames})
-    assert amap.shape == (5, 1, 64, 64) and score.shape == (5,)
-    thr = meta["threshold"]["image"]
-    np.testing.assert_allclose(norm, np.clip(0.5 * score / thr, 0, 1), rtol=1e-5)
-
-
-def test_onnx_runtime_path_does_not_import_torch(exported):
-    _, path = exported
-    code = (
-        "import numpy as np\n"
-        "from stfpm_edge.engines import open_engine\n"
-        f"e = open_engine(r'{path}')\n"
-        "m, s = e.infer(np.zeros((64, 64, 3), np.uint8))\n"
-        "assert m.shape == (1, 64, 64)\n"
-        "import stfpm_edge.calib, stfpm_edge.engines.trt_build, stfpm_edge.engines.trt_engine\n"
-    )
-    run_without_modules(code, ("torch", "timm", "torchvision", "tensorrt"))
-
-
-def test_wrong_frames_are_clear_errors(exported):
-    _, path = exported
-    with open_engine(path) as e:
-        with pytest.raises(FrameError, match="uint8"):
-            e.infer(np.zeros((1, 64, 64, 3), np.float32))
-        with pytest.raises(FrameError, match=r"\[N, 64, 64, 3\]"):
-            e.infer(np.zeros((1, 128, 64, 3), np.uint8))
-        with pytest.raises(FrameError):
-            e.infer(np.zeros((1, 64, 64), np.uint8))
-
-
-def test_onnx_without_our_metadata_is_refused(exported, tmp_path):
-    _, path = exported
-    proto = onnx.load(str(path))
-    del proto.metadata_props[:]
-    bare = tmp_path / "bare.onnx"
-    onnx.save(proto, str(bare))
-    with pytest.raises(ModelFileError, match="no stfpm-edge metadata"):
-        open_engine(bare)
-    garbage = tmp_path / "garbage.onnx"
-    garbage.write_bytes(b"\x08\x01garbage")
-    with pytest.raises(ModelFileError, match="cannot load"):
-        open_engine(garbage)
-
-
 def test_export_refuses_foreign_or_truncated_checkpoints(exported, tmp_path):
     ckpt, _ = exported
     foreign = tmp_path / "foreign.pt"
@@ -167,30 +91,41 @@ def test_fp16_variant_keeps_head_in_fp32(exported, tmp_path, synthetic_mvtec):
     assert 0 < e["max_abs_map_diff"] < 0.05 * report["map_range"][1]  # FP16 rounding, not a different model
 
 
-def test_int8_tensorrt_variant_is_symmetric_qdq(exported, tmp_path, synthetic_mvtec):
-    from stfpm_edge.calib import calibrate_int8
+def test_blur_and_topk_are_inside_the_graph(tiny_run, synthetic_mvtec, tmp_path):
+    """Post-processing lives in the model, so the exported graph reproduces it (deploy = evaluation)."""
+    from stfpm_edge.checkpoint import load_checkpoint, save_checkpoint
+    from stfpm_edge.export.onnx_export import export_verified
 
-    _, path = exported
-    out = tmp_path / "int8.onnx"
-    meta = calibrate_int8(path, out, synthetic_mvtec, n_images=8, target="tensorrt", progress=False)
-    assert meta["precision"] == "int8" and meta["int8"]["target"] == "tensorrt"
-    proto = onnx.load(str(out))
-    q = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
-    assert q, "no Q/DQ nodes"
-    inits = {i.name: i for i in proto.graph.initializer}
-    from onnx import numpy_helper
+    run_dir, _ = tiny_run
+    model, meta = load_checkpoint(run_dir / "model.pt")
+    meta["map_post"] = {"blur_sigma": 3.0, "topk_fraction": 0.01}
+    save_checkpoint(tmp_path / "post.pt", model, meta)
+    _, report = export_verified(tmp_path / "post.pt", tmp_path / "post.onnx", data=synthetic_mvtec, progress=False)
+    assert report["parity_ok"]
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "post.onnx")).graph.node}
+    assert "TopK" in ops
 
-    for n in q:
-        zp = numpy_helper.to_array(inits[n.input[2]])
-        assert zp.dtype == np.int8 and not zp.any(), n.name  # symmetric: zero point 0
-    # the head computes in FP32: none of its results is quantised again (the backbone features
-    # entering it may be, as the INT8 backbone's outputs)
-    from stfpm_edge.onnxmeta import is_head_node
 
-    head_outputs = {o for n in proto.graph.node if is_head_node(n.name) and n.op_type in ("ReduceL2", "Div", "Sub", "Pow", "ReduceSum", "Resize", "Mul") for o in n.output}
-    assert head_outputs and not any(n.input[0] in head_outputs for n in q)
-    with open_engine(out) as e:
-        m, s = e.infer(np.zeros((2, 64, 64, 3), np.uint8))
-    assert m.shape == (2, 64, 64) and np.isfinite(s).all()
-    with pytest.raises(StfpmError, match="FP32"):
-        calibrate_int8(out, tmp_path / "again.onnx", synthetic_mvtec, n_images=4)
+def test_failed_verification_never_replaces_a_verified_model(exported, tiny_run, synthetic_mvtec, tmp_path, monkeypatch):
+    import stfpm_edge.export.onnx_export as ox
+
+    ckpt, _ = exported
+    out = tmp_path / "model.onnx"
+    ox.export_verified(ckpt, out, data=synthetic_mvtec, progress=False)
+    good = out.read_bytes()
+    good_report = json.loads(out.with_name("model.onnx.verify.json").read_text())
+    assert good_report["parity_ok"]
+
+    def broken(report, *a, **k):
+        return False, ["injected mismatch"]
+
+    monkeypatch.setattr(ox, "parity_ok", broken)
+    with pytest.raises(ox.ParityError, match="was not replaced"):
+        ox.export_verified(ckpt, out, data=synthetic_mvtec, progress=False)
+    assert out.read_bytes() == good  # the verified graph is untouched
+    assert json.loads(out.with_name("model.onnx.verify.json").read_text())["parity_ok"]
+    assert (tmp_path / "model.onnx.failed").is_file()
+    assert not [p for p in tmp_path.iterdir() if "unverified" in p.name]
+    with pytest.raises(StfpmError, match="no test data"):  # a bad --data: also nothing replaced
+        ox.export_verified(ckpt, out, data=tmp_path / "nowhere", progress=False)
+    assert out.read_bytes() == good

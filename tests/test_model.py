@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from stfpm_edge.model import STFPM, anomaly_map, feature_distance, image_score, stfpm_loss
+from stfpm_edge.model import (
+    STFPM,
+    anomaly_map,
+    feature_distance,
+    image_score,
+    stfpm_loss,
+)
 
 
 def _feat(values):
@@ -69,3 +75,29 @@ def test_teacher_stays_frozen_in_train_mode():
     model = STFPM("tf_efficientnet_lite0", create_features("tf_efficientnet_lite0"), create_features("tf_efficientnet_lite0"))
     model.train()
     assert model.student.training and not model.teacher.training
+
+
+def test_blurred_map_keeps_a_flat_map_flat_and_spreads_a_peak():
+    from stfpm_edge.model import blur_map, gaussian_kernel
+
+    k = gaussian_kernel(2.0)
+    flat = torch.full((1, 1, 20, 30), 0.7)
+    torch.testing.assert_close(blur_map(flat, k), flat)  # borders normalised: no dark rim
+    peak = torch.zeros(1, 1, 41, 41)
+    peak[0, 0, 20, 20] = 1.0
+    out = blur_map(peak, k)
+    assert out.sum().item() == pytest.approx(1.0, abs=1e-5) and out.max().item() < 0.05
+    assert out[0, 0, 20, 20] == out.max()
+
+
+def test_topk_score_is_the_mean_of_the_largest_pixels():
+    from stfpm_edge.model import MapPost, image_score
+
+    amap = torch.zeros(2, 1, 10, 10)
+    amap[0, 0, 0, :4] = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    assert image_score(amap).tolist() == [4.0, 0.0]
+    assert image_score(amap, topk=2).tolist() == [3.5, 0.0]
+    assert MapPost(topk_fraction=0.02).topk(10, 10) == 2 and MapPost().topk(10, 10) == 1
+    assert MapPost(topk_fraction=0.5).topk(512, 512) == 3840  # TensorRT's TopK limit
+    with pytest.raises(Exception, match="top-k"):
+        MapPost(topk_fraction=1.5)

@@ -6,7 +6,13 @@ import pytest
 from typer.testing import CliRunner
 
 from stfpm_edge.cli import app
-from stfpm_edge.engines.trt_build import BuildOptions, build_engine, detect_features, rebuild_command, stale_reasons
+from stfpm_edge.engines.trt_build import (
+    BuildOptions,
+    build_engine,
+    detect_features,
+    rebuild_command,
+    stale_reasons,
+)
 from stfpm_edge.errors import BackendUnavailable, StfpmError
 from stfpm_edge.onnxmeta import is_head_node
 from tests.fake_tensorrt import make_fake_trt

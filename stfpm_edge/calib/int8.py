@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from ..datasets import discover, evenly_spaced, heldout_splits, load_images
-from ..geometry import Geometry
 from ..errors import StfpmError
+from ..geometry import Geometry
 from ..onnxmeta import is_head_node, save_onnx
 
 TARGETS = ("tensorrt", "cpu")

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from ..geometry import Geometry
 from ..errors import ModelFileError, StfpmError
+from ..geometry import Geometry
 
 
 class FrameError(StfpmError):

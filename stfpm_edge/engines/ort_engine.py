@@ -10,6 +10,7 @@ from ..errors import ModelFileError
 from ..onnxmeta import metadata_from_props
 from .base import Engine
 
+
 def read_onnx_metadata(session, path: Path) -> dict:
     return metadata_from_props(session.get_modelmeta().custom_metadata_map, path)
 

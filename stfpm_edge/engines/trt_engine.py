@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendUnavailable, ModelFileError
-from .base import Engine
 from ..fileio import sha256_file, sidecar_path
+from .base import Engine
 from .trt_build import BuildOptions, build_engine, gpu_info, import_tensorrt, rebuild_command, stale_reasons
 
 

@@ -21,8 +21,8 @@ from ..checkpoint import load_checkpoint
 from ..errors import StfpmError
 from ..fileio import sha256_file
 from ..model import STFPM, flops_per_frame
-from ..scoring import normalized_score
 from ..onnxmeta import save_onnx
+from ..scoring import normalized_score
 
 OPSET = 17  # the ceiling of TensorRT 8.6 (JetPack 5 / 6.0)
 INPUT = "frames"
@@ -169,3 +169,51 @@ def parity_ok(report: dict[str, Any], engine: str = "onnxruntime", auroc_tol: fl
         if d is not None and abs(d) > auroc_tol:
             problems.append(f"{key[6:]} differs by {d:+.2e} (tolerance {auroc_tol:g})")
     return not problems, problems
+
+
+class ParityError(StfpmError):
+    """The exported graph does not reproduce its checkpoint; nothing was installed under the real name."""
+
+
+def export_verified(checkpoint: str | Path, out: str | Path, batch: int = 1, dynamic: bool = False, precision: str = "fp32",
+                    verify: bool = True, data: str | Path | None = None, max_images: int | None = None,
+                    progress: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Export, verify against the checkpoint, and only then install ``out`` (+ sidecar, verify report).
+
+    The graph is written under a temporary name first. FP32 must pass ``parity_ok``; FP16 gets a
+    fidelity report. On failure the graph is kept as ``out.failed`` with its report, and a verified
+    ``out`` that was already there is left untouched, so a file named ``model.onnx`` is always one
+    that passed. Returns (metadata, verification report or None).
+    """
+    import os
+
+    from ..fileio import atomic_write_json, sidecar_path
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.unverified.onnx")
+    try:
+        info = export_onnx(checkpoint, tmp, batch=batch, dynamic=dynamic, precision=precision)
+        report = None
+        if verify:
+            report = verify_export(tmp, checkpoint, data, max_images, progress=progress)
+            report["onnx"] = str(out)
+            ok, problems = parity_ok(report) if precision == "fp32" else (True, [])
+            report["parity_ok"] = ok
+            if not ok:
+                failed = out.with_name(out.name + ".failed")
+                os.replace(tmp, failed)
+                atomic_write_json(failed.with_name(failed.name + ".verify.json"), report)
+                raise ParityError("parity check failed: " + "; ".join(problems) + f". The graph was kept as {failed.name}; "
+                                  f"{out.name} was not replaced")
+        os.replace(tmp, out)
+        os.replace(sidecar_path(tmp), sidecar_path(out))
+        verify_json = out.with_name(out.name + ".verify.json")
+        if report is not None:
+            atomic_write_json(verify_json, report)
+        else:
+            verify_json.unlink(missing_ok=True)  # an older report would describe another graph
+        return info, report
+    finally:
+        tmp.unlink(missing_ok=True)
+        sidecar_path(tmp).unlink(missing_ok=True)

@@ -22,7 +22,7 @@ from ..fileio import atomic_write_bytes, atomic_write_json
 from ..render import heat_overlay
 from ..scoring import is_anomalous, normalized_score, verdict
 from ..timing import percentiles
-from .pipeline import BlockingQueue, Counters, JsonlWriter, RunOptions, _capture, _END
+from .pipeline import _END, BlockingQueue, Counters, JsonlWriter, RunOptions, _capture
 from .sources import Source
 
 

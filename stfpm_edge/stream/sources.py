@@ -17,9 +17,9 @@ from typing import Iterable, Iterator
 import cv2
 import numpy as np
 
-from ..geometry import IMAGE_SUFFIXES, decode_image, to_bgr8
 from ..errors import DataError, StfpmError
 from ..fileio import mask_secrets
+from ..geometry import IMAGE_SUFFIXES, decode_image, to_bgr8
 
 
 class SourceError(StfpmError):

@@ -1,0 +1,161 @@
+"""Levers for hard parts (issue 10): one row per lever or combination, on real MVTec categories.
+
+    python benchmarks/hard_parts.py --data ../shared/data/mvtec/screw --out /tmp/hard --variant base-e30 --variant rotate-e60
+    python benchmarks/hard_parts.py --table /tmp/hard          # the Markdown table of every finished row
+
+Each training variant is ``stfpm-edge train`` with a few options changed (see VARIANTS); a run
+folder that already holds ``metrics.json`` is reused, so the script can be stopped and restarted.
+Post-processing variants (``post:NAME+blur4`` ...) re-use a trained checkpoint: they change only
+the map smoothing / score aggregation (inside the model, so the exported graph does the same),
+recompute the threshold on the same held-out good images and evaluate again.
+
+Columns: image AUROC, pixel AUROC, pixel F1, AUPRO@0.3, image F1 at the operating threshold, the
+false-alarm rate on test good images (never trained on, never used for selection or threshold),
+median seconds per epoch, and inference ms per frame (PyTorch fused model, batch 1, this machine's
+threads; an ONNX Runtime export is about 2.5x faster, see the README's latency table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+# name -> TrainConfig overrides
+VARIANTS: dict[str, dict] = {
+    "base-e30": dict(epochs=30),
+    "base-e100": dict(epochs=100),
+    "bf16-e30": dict(epochs=30, amp="bf16"),
+    "rotate-e30": dict(epochs=30, amp="bf16", augment="rotate"),
+    "rotate-e60": dict(epochs=60, amp="bf16", augment="rotate"),
+    "rot90-e60": dict(epochs=60, amp="bf16", augment="rot90"),
+    "lite1-e30": dict(epochs=30, amp="bf16", backbone="tf_efficientnet_lite1"),
+    "lite2-e30": dict(epochs=30, amp="bf16", backbone="tf_efficientnet_lite2"),
+    "lite2-rotate-e60": dict(epochs=60, amp="bf16", backbone="tf_efficientnet_lite2", augment="rotate"),
+    "l12-e30": dict(epochs=30, amp="bf16", layers="1,2"),
+    "l123-s512-e30": dict(epochs=30, amp="bf16", height=512, width=512, batch_size=16),
+    "s384-rotate-e40": dict(epochs=40, amp="bf16", height=384, width=384, batch_size=16, augment="rotate"),
+    "calib-e30": dict(epochs=30, amp="bf16", calib_fraction=0.15, val_fraction=0.15),
+    "new-defaults": dict(),
+}
+
+# post-processing suffixes: "+blur4" (Gaussian sigma 4 px), "+top1pct" (mean of the top 1% of pixels)
+POSTS = {"blur2": dict(blur_sigma=2.0), "blur4": dict(blur_sigma=4.0), "blur8": dict(blur_sigma=8.0),
+         "top01pct": dict(topk_fraction=0.001), "top1pct": dict(topk_fraction=0.01)}
+
+COLUMNS = ("image_auroc", "pixel_auroc", "pixel_f1", "aupro", "image_f1", "false_alarm_rate")
+
+
+def infer_ms(model, height: int, width: int, repeats: int = 10) -> float:
+    import torch
+
+    x = torch.zeros(1, height, width, 3, dtype=torch.uint8)
+    times = []
+    with torch.inference_mode():
+        model.eval()
+        model(x)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    return 1000.0 * float(np.median(times))
+
+
+def train_variant(data: Path, out_root: Path, name: str) -> dict:
+    from stfpm_edge.checkpoint import load_checkpoint
+    from stfpm_edge.config import load_config
+    from stfpm_edge.train import train
+
+    run = out_root / f"{data.name}-{name}"
+    metrics_file = run / "metrics.json"
+    if not metrics_file.is_file():
+        overrides = {"overlays": 6, **VARIANTS[name]}
+        cfg = load_config(None, dict(data=str(data), out=str(run), **overrides))
+        train(cfg, resume=(run / "last.pt").is_file(), progress=True)
+    record = json.loads(metrics_file.read_text())
+    if "infer_ms" not in record:
+        model, meta = load_checkpoint(run / "model.pt")
+        record["infer_ms"] = infer_ms(model, meta["geometry"]["height"], meta["geometry"]["width"])
+        metrics_file.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def post_variant(data: Path, out_root: Path, name: str) -> dict:
+    """``base+blur4+top1pct``: the trained ``base`` run with other map post-processing."""
+    from stfpm_edge.checkpoint import load_checkpoint
+    from stfpm_edge.config import load_config
+    from stfpm_edge.datasets import discover, heldout_splits, load_images
+    from stfpm_edge.engines.torch_engine import TorchEngine
+    from stfpm_edge.evaluate import evaluate, predict
+    from stfpm_edge.model import MapPost
+    from stfpm_edge.thresholds import threshold_from_normal
+
+    base, *posts = name.split("+")
+    out = out_root / f"{data.name}-{name}.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    trained = train_variant(data, out_root, base)
+    model, meta = load_checkpoint(Path(trained["model"]))
+    kw: dict = {}
+    for p in posts:
+        kw.update(POSTS[p])
+    model.set_post(MapPost(**kw))
+    cfg = load_config(None, meta["config"])
+    ds = discover(cfg.data, seed=cfg.seed)
+    geometry = TorchEngine.from_model(model, meta).geometry
+    _, val_s, calib_s = heldout_splits(ds.train, cfg.val_fraction, cfg.calib_fraction, cfg.seed)
+    held, _ = load_images(calib_s or val_s, geometry)
+    engine = TorchEngine.from_model(model, meta)
+    _, scores = predict(engine.infer, held)
+    threshold = threshold_from_normal(scores, cfg.threshold_quantile)
+    result = evaluate(engine.infer, ds.test, geometry, threshold, progress=False)
+    record = {**result.metrics, "seconds_per_epoch": trained.get("seconds_per_epoch"),
+              "infer_ms": infer_ms(model, geometry.height, geometry.width), "model": trained["model"]}
+    out.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def table(out_root: Path) -> str:
+    rows = []
+    for f in sorted(out_root.glob("*/metrics.json")) + sorted(out_root.glob("*.json")):
+        r = json.loads(f.read_text())
+        name = f.parent.name if f.name == "metrics.json" else f.stem
+        rows.append((name, r))
+    fmt = lambda v, d=3: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
+    lines = ["| run | image AUROC | pixel AUROC | pixel F1 | AUPRO@0.3 | image F1 @ thr | false alarms (test good) | s / epoch | infer ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows:
+        lines.append(f"| {name} | " + " | ".join(fmt(r.get(c)) for c in COLUMNS)
+                     + f" | {fmt(r.get('seconds_per_epoch'), 1)} | {fmt(r.get('infer_ms'), 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, action="append", default=[], help="MVTec category folder (repeatable)")
+    ap.add_argument("--out", type=Path, default=Path("runs/hard_parts"), help="folder for the run folders and results")
+    ap.add_argument("--variant", action="append", default=[], help=f"training variants: {', '.join(VARIANTS)}; "
+                    f"post-processing on a trained one: NAME+{'+'.join(POSTS)}")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--table", type=Path, help="print the table of the finished rows in this folder and exit")
+    args = ap.parse_args()
+    if args.table:
+        print(table(args.table), end="")
+        return
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    for data in args.data:
+        for name in args.variant:
+            t0 = time.time()
+            record = post_variant(data, args.out, name) if "+" in name else train_variant(data, args.out, name)
+            print(f"{data.name} {name}: " + ", ".join(f"{c} {record.get(c)}" for c in COLUMNS) + f" ({time.time() - t0:.0f} s)", flush=True)
+    print(table(args.out), end="")
+
+
+if __name__ == "__main__":
+    main()

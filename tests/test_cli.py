@@ -1,0 +1,104 @@
+"""The command line as a user drives it: signals, one-line errors, the torch-free run path."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from stfpm_edge.cli import app
+from stfpm_edge.config import load_config
+from stfpm_edge.errors import StfpmError
+from tests.conftest import run_without_modules
+from tests.stream_fakes import _records, _write_video
+
+runner = CliRunner()
+
+
+
+@pytest.mark.slow
+def test_sigint_to_the_cli_flushes_valid_jsonl(tiny_run, tmp_path):
+    from stfpm_edge.export.onnx_export import export_onnx
+
+    run_dir, _ = tiny_run
+    model = tmp_path / "m.onnx"
+    export_onnx(run_dir / "model.pt", model)
+    video = tmp_path / "long.mp4"
+    _write_video(video, 3000, size=(64, 64))
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "stfpm_edge.cli", "run", str(model), "--source", str(video), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not ((out / "frames.jsonl").exists() and (out / "frames.jsonl").stat().st_size > 2000):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    recs = _records(out)  # every line is complete JSON
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 < len(recs) == summary["frames_inspected"] == summary["frames_read"] < 3000
+    assert "frames read" in stdout
+
+
+def test_run_command_with_onnx_never_imports_torch(tiny_run, tmp_path):
+    from stfpm_edge.export.onnx_export import export_onnx
+
+    run_dir, _ = tiny_run
+    model = tmp_path / "m.onnx"
+    export_onnx(run_dir / "model.pt", model)
+    video = tmp_path / "v.mp4"
+    _write_video(video, 20, bad={3}, size=(64, 64))
+    code = (
+        "from typer.testing import CliRunner\n"
+        "from stfpm_edge.cli import app\n"
+        f"r = CliRunner().invoke(app, ['run', r'{model}', '--source', r'{video}', '--out', r'{tmp_path / 'o'}', '--save-video', r'{tmp_path / 'o' / 'a.mp4'}'])\n"
+        "assert r.exit_code == 0, r.output\n"
+    )
+    run_without_modules(code, ("torch", "timm", "sklearn", "matplotlib"))
+    assert len(_records(tmp_path / "o")) == 20
+
+
+def test_cli_train_missing_folder_is_one_clear_line(tmp_path):
+    result = runner.invoke(app, ["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "missing: data folder not found" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_train_corrupt_image_writes_nothing(synthetic_mvtec, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_mvtec, data)
+    (data / "train" / "good" / "005.png").write_bytes(b"\x89PNG broken")
+    result = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "o"), "--size", "64", "--epochs", "1"])
+    assert result.exit_code == 2 and "005.png" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_config_file_and_flag_override(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("data: somewhere\nepochs: 7\nlr: 0.1\n")
+    cfg = load_config(cfg_file, {"epochs": 3})
+    assert (cfg.data, cfg.epochs, cfg.lr, cfg.batch_size) == ("somewhere", 3, 0.1, 32)
+    cfg_file.write_text("epohcs: 7\n")
+    with pytest.raises(StfpmError, match="unknown option"):
+        load_config(cfg_file, {"data": "x"})
+
+
+def test_cli_eval_and_table(tiny_run, synthetic_mvtec, tmp_path):
+    run_dir, metrics = tiny_run
+    result = runner.invoke(app, ["eval", str(run_dir / "model.pt"), "--data", str(synthetic_mvtec), "--out", str(tmp_path / "ev")])
+    assert result.exit_code == 0, result.output
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert ev["image_auroc"] == pytest.approx(metrics["image_auroc"], abs=1e-6)
+    assert ev["pixel_auroc"] == pytest.approx(metrics["pixel_auroc"], abs=1e-6)
+    result = runner.invoke(app, ["table", str(run_dir)])
+    assert result.exit_code == 0
+    lines = result.output.strip().splitlines()
+    assert lines[0].startswith("| Metric | Avg | carpet |") and "weave" in lines[0]
+    assert lines[2].startswith("| Image AUC | ") and f"{100 * metrics['image_auroc']:.1f}" in lines[2]
