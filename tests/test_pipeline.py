@@ -79,7 +79,7 @@ def test_engine_that_does_not_open_fails_before_the_first_frame(tmp_path):
 
 
 def test_output_failure_does_not_hang_and_leaves_valid_jsonl(tmp_path, monkeypatch):
-    import stfpm_edge.stream.pipeline as pl
+    import stfpm_edge.stream.outputs as pl
 
     calls = {"n": 0}
     real = pl.JsonlWriter.write

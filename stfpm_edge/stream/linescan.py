@@ -11,7 +11,7 @@ overlapping tiles, and a stitched heat strip of the whole web is saved.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +22,9 @@ from ..fileio import atomic_write_bytes, atomic_write_json
 from ..render import heat_overlay
 from ..scoring import is_anomalous, normalized_score, verdict
 from ..timing import percentiles
-from .pipeline import _END, BlockingQueue, Counters, JsonlWriter, RunOptions, _capture
+from .capture import END, BlockingQueue, Capture, Reconnect
+from .counters import Counters
+from .outputs import JsonlWriter
 from .sources import Source
 
 
@@ -34,6 +36,7 @@ class LineScanOptions:
     mm_per_row: float | None = None
     strip_downsample: int = 4  # the saved heat strip is this many times smaller than the web
     max_strip_rows: int = 100_000
+    reconnect: Reconnect = field(default_factory=Reconnect)
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:
@@ -189,16 +192,15 @@ def run_linescan(engine_factory: Callable[[], Any], source: Source, opts: LineSc
                         detections.append(det)
                     record["peaks"] = [{"row": int(y0 + r), "col": int(x0 + c), "score": p} for r, c, p in found]
                 writer.write(record)
-                counters.latency["inference"].append((t1 - t0) * 1e3)
+                counters.add_latency({"inference": (t1 - t0) * 1e3})
                 counters.inspected += 1
                 n_tiles += 1
 
-        cap = threading.Thread(target=_capture, args=(source, slot, counters, RunOptions(opts.out_dir), stop, events), name="capture", daemon=True)
-        cap.start()
+        cap = Capture(source, slot, counters, stop, events, opts.reconnect).start()
         try:
             while True:
                 item = slot.get()
-                if item is _END:
+                if item is END:
                     break
                 frame, _ = item
                 if frame.image is None:

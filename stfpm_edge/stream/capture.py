@@ -1,0 +1,135 @@
+"""Capture: a thread that reads a source into a hand-over, reopening live sources with bounded backoff.
+
+Live sources hand over through ``LatestSlot`` (only the newest frame waits; a replaced frame is
+dropped and counted), files and folders through ``BlockingQueue`` (nothing lost, order kept).
+Whatever happens, the capture thread ends by handing over ``END``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .counters import Counters
+from .sources import Source
+
+END = object()  # the end-of-stream marker every stage passes on
+
+
+class LatestSlot:
+    """A one-item mailbox for live sources: ``put`` replaces an unconsumed frame and reports the drop.
+
+    The end marker never replaces a pending frame: it is delivered after it.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._item: Any = None
+        self._has = False
+        self._closed = False
+
+    def put(self, item) -> bool:
+        with self._cond:
+            if item is END:
+                self._closed = True
+                self._cond.notify()
+                return False
+            dropped = self._has
+            self._item, self._has = item, True
+            self._cond.notify()
+            return dropped
+
+    def get(self):
+        with self._cond:
+            while not self._has and not self._closed:
+                self._cond.wait()
+            if self._has:
+                item, self._item, self._has = self._item, None, False
+                return item
+            return END
+
+
+class BlockingQueue:
+    """Lossless hand-over for files and folders (bounded, so memory stays bounded)."""
+
+    def __init__(self, size: int = 8):
+        self._q: queue.Queue = queue.Queue(maxsize=size)
+
+    def put(self, item) -> bool:
+        self._q.put(item)
+        return False
+
+    def get(self):
+        return self._q.get()
+
+
+def handover_for(source: Source):
+    return LatestSlot() if source.live else BlockingQueue()
+
+
+@dataclass
+class Reconnect:
+    """How a live source that stops delivering is reopened: exponential backoff, bounded."""
+
+    max_attempts: int = 5
+    backoff_s: float = 0.5
+    backoff_max_s: float = 8.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.backoff_s * (2**attempt), self.backoff_max_s)
+
+
+class Capture:
+    """Reads ``source`` into ``handover`` on its own thread until the end, ``stop`` or ``max_frames``.
+
+    Items handed over are ``(frame, arrival perf_counter)``. Reconnects and give-ups are appended
+    to ``events`` (records for the JSONL) and counted in ``counters``.
+    """
+
+    def __init__(self, source: Source, handover, counters: Counters, stop: threading.Event, events: list,
+                 reconnect: Reconnect | None = None, max_frames: int | None = None):
+        self.source, self.handover, self.counters, self.stop, self.events = source, handover, counters, stop, events
+        self.reconnect = reconnect or Reconnect()
+        self.max_frames = max_frames
+        self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
+
+    def start(self) -> "Capture":
+        self._thread.start()
+        return self
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def _run(self) -> None:
+        source, counters = self.source, self.counters
+        try:
+            failures = 0
+            while not self.stop.is_set():
+                if self.max_frames is not None and counters.read >= self.max_frames:
+                    break
+                frame = source.read()
+                if frame is None:
+                    if not source.live or failures >= self.reconnect.max_attempts:
+                        if source.live:
+                            self.events.append({"event": "gave_up", "after_reconnects": failures, "source": source.describe()})
+                        break
+                    t_lost = time.time()
+                    delay = self.reconnect.delay(failures)
+                    failures += 1
+                    if self.stop.wait(delay):
+                        break
+                    if source.reopen():
+                        counters.reconnects += 1
+                        gap = {"event": "reconnect", "gap_s": round(time.time() - t_lost, 3), "attempt": failures, "after_frame": counters.read - 1}
+                        counters.gaps.append(gap)
+                        self.events.append(gap)
+                    continue
+                failures = 0
+                counters.read += 1
+                if self.handover.put((frame, time.perf_counter())):
+                    counters.dropped += 1
+        finally:
+            self.handover.put(END)
