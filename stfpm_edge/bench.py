@@ -266,3 +266,43 @@ def histogram_plot(results: dict[str, Any], path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def benchmark_models(models: list[Path], wanted: list[str] | None, batch_sizes: list[int], iters: int, warmup: int,
+                     threads: int = 0, image: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Open every backend the models give, benchmark them interleaved on one source frame, describe the machine.
+
+    The frame is ``image`` (any size; decoding and resizing are part of the preprocess stage) or a
+    generated texture at model size. Returns the results with a ``markdown`` table.
+    """
+    from .geometry import decode_image
+
+    if not batch_sizes or min(batch_sizes) < 1 or iters < 1 or warmup < 0:
+        raise StfpmError("batch sizes and --iters must be at least 1")
+    backends = open_backends(models, wanted, threads)
+    try:
+        geo = backends[0].geometry
+        if image is not None:
+            frame = decode_image(image)
+        else:
+            from .synthetic import texture
+
+            frame = texture(np.random.default_rng(0), geo.height, geo.width)
+        results = run_benchmark(backends, [frame], batch_sizes, iters, warmup, progress)
+    finally:
+        for b in backends:
+            b.close()
+    results["machine"] = machine_info(threads)
+    results["setup"] = {"models": [str(m) for m in models], "source_frame": list(frame.shape), "model_size": [geo.height, geo.width], "iters": iters, "warmup": warmup}
+    results["markdown"] = markdown_table(results)
+    return results
+
+
+def peak_share_line(results: dict[str, Any]) -> str | None:
+    """'fastest backend reaches X GFLOP/s = Y% of the CPU's FP32 peak', when both are known."""
+    cpu = results["machine"]["cpu"]
+    best = max((e for t in results["batches"].values() for e in t.values() if e.get("gflops_per_s")), key=lambda e: e["gflops_per_s"], default=None)
+    if not best or not cpu.get("peak_gflops"):
+        return None
+    return (f"fastest backend reaches {best['gflops_per_s']:.1f} GFLOP/s = {100 * best['gflops_per_s'] / cpu['peak_gflops']:.1f}% of the CPU's FP32 peak "
+            f"({cpu['peak_gflops']:.0f} GFLOP/s: {cpu['derivation']})")

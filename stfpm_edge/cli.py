@@ -196,23 +196,13 @@ def calibrate(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="compare with the FP32 graph on the test images"),
     max_images: Optional[int] = typer.Option(None, "--max-images"),
 ):
-    from .calib import calibrate_int8
-    from .datasets import discover, evenly_spaced
-    from .engines.ort_engine import OrtEngine
-    from .evaluate import compare_engines
-    from .fileio import atomic_write_json
+    from .calib import calibrate_int8, verify_int8
 
     out = out or onnx_file.with_name("model_int8.onnx" if target == "tensorrt" else "model_int8_cpu.onnx")
     meta = calibrate_int8(onnx_file, out, data, images, target)
     typer.echo(f"wrote {out} (INT8 QDQ for {target}, {meta['int8']['calibration_images']} calibration images, {meta['int8']['kept_fp32_nodes']} head nodes kept in FP32)")
-    if not verify:
-        return
-    with OrtEngine(onnx_file) as fp32, OrtEngine(out) as int8:
-        ds = discover(data or meta["int8"]["calibration_data"])
-        samples = evenly_spaced(ds.test, max_images)
-        report = compare_engines({"fp32": fp32.infer, "int8": int8.infer}, samples, fp32.geometry, fp32.threshold, "fp32")
-    _print_parity(report)
-    atomic_write_json(out.with_name(out.name + ".verify.json"), report)
+    if verify:
+        _print_parity(verify_int8(onnx_file, out, data, max_images))
 
 
 @command(help="Latency (per stage, p50/p90/p99/max) and throughput, backend against backend, interleaved.")
@@ -227,42 +217,19 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="write all results and the machine description as JSON"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a latency histogram PNG"),
 ):
-    from .bench import histogram_plot, machine_info, markdown_table, open_backends, run_benchmark
+    from .bench import benchmark_models, histogram_plot, peak_share_line
     from .fileio import atomic_write_json
-    from .geometry import decode_image
 
     try:
         sizes = [int(b) for b in batch.split(",") if b.strip()]
     except ValueError:
         raise StfpmError(f"--batch must be comma-separated integers, got {batch!r}") from None
-    if not sizes or min(sizes) < 1 or iters < 1 or warmup < 0:
-        raise StfpmError("batch sizes and --iters must be at least 1")
-    backends = open_backends(models, backend, threads)
-    try:
-        geo = backends[0].geometry
-        if image is not None:
-            frame = decode_image(image)
-        else:
-            import numpy as np
-
-            from .synthetic import texture
-
-            frame = texture(np.random.default_rng(0), geo.height, geo.width)
-        results = run_benchmark(backends, [frame], sizes, iters, warmup)
-    finally:
-        for b in backends:
-            b.close()
-    results["machine"] = machine_info(threads)
-    results["setup"] = {"models": [str(m) for m in models], "source_frame": list(frame.shape), "model_size": [geo.height, geo.width], "iters": iters, "warmup": warmup}
-    table = markdown_table(results)
-    typer.echo(table, nl=False)
-    cpu = results["machine"]["cpu"]
-    best = max((e for t in results["batches"].values() for e in t.values() if e.get("gflops_per_s")), key=lambda e: e["gflops_per_s"], default=None)
-    if best and cpu.get("peak_gflops"):
-        typer.echo(f"fastest backend reaches {best['gflops_per_s']:.1f} GFLOP/s = {100 * best['gflops_per_s'] / cpu['peak_gflops']:.1f}% of the CPU's FP32 peak "
-                   f"({cpu['peak_gflops']:.0f} GFLOP/s: {cpu['derivation']})")
+    results = benchmark_models(models, backend, sizes, iters, warmup, threads, image)
+    typer.echo(results["markdown"], nl=False)
+    line = peak_share_line(results)
+    if line:
+        typer.echo(line)
     if json_out:
-        results["markdown"] = table
         atomic_write_json(json_out, results)
         typer.echo(f"wrote {json_out}")
     if plot:

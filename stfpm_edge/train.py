@@ -16,12 +16,13 @@ from . import __version__
 from .backbones import spec
 from .checkpoint import atomic_torch_save, save_checkpoint
 from .config import TrainConfig, parse_layers
-from .datasets import discover, heldout_splits, load_images
+from .datasets import discover, heldout_splits
 from .errors import StfpmError
 from .evaluate import evaluate, predict, write_outputs
 from .fileio import atomic_write_json, sha256_file
 from .geometry import Geometry
 from .model import STFPM, MapPost, stfpm_loss
+from .store import TrainingStore
 from .thresholds import normal_statistics, threshold_from_normal
 
 LAST = "last.pt"  # resume state, rewritten atomically after every epoch
@@ -45,19 +46,26 @@ def default_run_dir(cfg: TrainConfig, name: str) -> Path:
 
 
 class TeacherCache:
-    """The frozen teacher's features for a fixed set of images, computed once (no augmentation)."""
+    """The frozen teacher's features for a fixed set of images, computed once (no augmentation).
 
-    def __init__(self, model: STFPM, images: np.ndarray, batch_size: int):
-        levels: list[list[torch.Tensor]] = []
-        device = next(model.parameters()).device
+    Kept in record files of the training store (FP32, exact), read back batch by batch.
+    """
+
+    def __init__(self, model: STFPM, images, batch_size: int, store: TrainingStore, name: str):
+        self.device = next(model.parameters()).device
+        self.levels: list = []
         with torch.inference_mode():
             for i in range(0, len(images), batch_size):
-                x = model.normalize(torch.from_numpy(images[i : i + batch_size]).to(device))
-                levels.append(model.teacher(x))
-        self.levels = [torch.cat([b[k] for b in levels]) for k in range(len(levels[0]))] if levels else []
+                x = model.normalize(torch.from_numpy(images[i : i + batch_size]).to(self.device))
+                feats = model.teacher(x)
+                if not self.levels:
+                    self.levels = [store.records(f"{name}-teacher{k}", f.shape[1:], np.float32) for k, f in enumerate(feats)]
+                for rec, f in zip(self.levels, feats):
+                    rec.append(f.float().cpu().numpy())
 
     def __getitem__(self, idx: torch.Tensor) -> list[torch.Tensor]:
-        return [lvl[idx] for lvl in self.levels]
+        rows = np.asarray(idx)
+        return [torch.from_numpy(rec[rows]).to(self.device) for rec in self.levels]
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator | None):
@@ -158,7 +166,15 @@ def validation_loss(model: STFPM, images: np.ndarray, cache: TeacherCache | None
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> tuple[Path, dict[str, Any]]:
-    """Train, keep the best-validation student, set the threshold, evaluate; returns (run dir, metrics)."""
+    """Train, keep the best-validation student, set the threshold, evaluate; returns (run dir, metrics).
+
+    Images and teacher features live in a temporary training store on disk, not in memory.
+    """
+    with TrainingStore() as store:
+        return _train(cfg, resume, progress, store)
+
+
+def _train(cfg: TrainConfig, resume: bool, progress: bool, store: TrainingStore) -> tuple[Path, dict[str, Any]]:
     from tqdm import tqdm
 
     if cfg.threads > 0:
@@ -174,9 +190,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> tupl
     post = MapPost(cfg.blur_sigma, cfg.topk_fraction)
     layers = parse_layers(cfg.layers)
     # decode everything up front: a bad file fails here, before anything is written
-    train_imgs, _ = load_images(train_s, geometry, progress=progress, desc="train images")
-    val_imgs, _ = load_images(val_s, geometry, progress=progress, desc="validation images")
-    calib_imgs = load_images(calib_s, geometry, progress=progress, desc="calibration images")[0] if calib_s else val_imgs
+    train_imgs = store.images("train", train_s, geometry, progress, "train images")
+    val_imgs = store.images("val", val_s, geometry, progress, "validation images")
+    calib_imgs = store.images("calib", calib_s, geometry, progress, "calibration images") if calib_s else val_imgs
 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -186,8 +202,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> tupl
     optimizer = torch.optim.SGD(model.student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     use_cache = cfg.cache_teacher and cfg.augment == "none"
-    cache_train = TeacherCache(model, train_imgs, cfg.batch_size) if use_cache else None
-    cache_val = TeacherCache(model, val_imgs, cfg.batch_size)  # validation images are never augmented
+    cache_train = TeacherCache(model, train_imgs, cfg.batch_size, store, "train") if use_cache else None
+    cache_val = TeacherCache(model, val_imgs, cfg.batch_size, store, "val")  # validation images are never augmented
 
     run_dir.mkdir(parents=True, exist_ok=True)
     start_epoch, best_loss, best_epoch, best_state, history = 0, float("inf"), -1, None, []

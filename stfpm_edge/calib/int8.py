@@ -102,3 +102,18 @@ def calibrate_int8(onnx_fp32: str | Path, out: str | Path, data: str | Path | No
     })
     save_onnx(proto, out, meta)
     return meta
+
+
+def verify_int8(onnx_fp32: str | Path, onnx_int8: str | Path, data: str | Path | None = None, max_images: int | None = None) -> dict[str, Any]:
+    """The INT8 graph against its FP32 source on the test images; the report is also written beside it."""
+    from ..engines.ort_engine import OrtEngine
+    from ..evaluate import compare_engines
+    from ..fileio import atomic_write_json
+
+    onnx_int8 = Path(onnx_int8)
+    with OrtEngine(onnx_fp32) as fp32, OrtEngine(onnx_int8) as int8:
+        ds = discover(data or int8.meta["int8"]["calibration_data"])
+        samples = evenly_spaced(ds.test, max_images)
+        report = compare_engines({"fp32": fp32.infer, "int8": int8.infer}, samples, fp32.geometry, fp32.threshold, "fp32")
+    atomic_write_json(onnx_int8.with_name(onnx_int8.name + ".verify.json"), report)
+    return report
