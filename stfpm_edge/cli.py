@@ -212,7 +212,7 @@ def bench(
     batch: str = typer.Option("1", help="batch sizes, comma separated, e.g. 1,4,8"),
     iters: int = typer.Option(50, help="timed iterations per backend and batch size"),
     warmup: int = typer.Option(5, help="untimed iterations first"),
-    threads: int = typer.Option(0, help="CPU threads for torch and ONNX Runtime (0 = their defaults)"),
+    threads: int = typer.Option(0, min=0, help="CPU threads for torch and ONNX Runtime (0 = their defaults)"),
     image: Optional[Path] = typer.Option(None, "--image", help="source frame to use (any size) [default: a generated frame at model size]"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write all results and the machine description as JSON"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a latency histogram PNG"),
@@ -256,11 +256,11 @@ def run(
     save_video: Optional[Path] = typer.Option(None, "--save-video", help="write the annotated stream to this .mp4"),
     save_anomalies: bool = typer.Option(True, "--save-anomalies/--no-save-anomalies", help="save anomalous frames and their heat maps"),
     show: bool = typer.Option(False, "--show", help="open a window (q quits)"),
-    max_frames: Optional[int] = typer.Option(None, "--max-frames", help="stop after this many frames"),
-    threads: int = typer.Option(0, help="CPU threads for ONNX Runtime (0 = default)"),
+    max_frames: Optional[int] = typer.Option(None, "--max-frames", min=1, help="stop after this many frames"),
+    threads: int = typer.Option(0, min=0, help="CPU threads for ONNX Runtime (0 = default)"),
     line_scan: bool = typer.Option(False, "--line-scan", help="the source delivers rows of a moving web: tile, inspect, stitch"),
-    scale: float = typer.Option(1.0, help="line-scan: source pixels per model pixel (1 = native resolution)"),
-    overlap: float = typer.Option(0.5, help="line-scan: overlap of neighbouring tiles, a fraction of the tile"),
+    scale: float = typer.Option(1.0, min=0.05, max=64.0, help="line-scan: source pixels per model pixel (1 = native resolution)"),
+    overlap: float = typer.Option(0.5, min=0.0, max=0.95, help="line-scan: overlap of neighbouring tiles, a fraction of the tile"),
     mm_per_row: Optional[float] = typer.Option(None, "--mm-per-row", help="line-scan: web travel per row, to report positions in mm"),
     build_if_stale: bool = typer.Option(False, "--build-if-stale", help="TensorRT: rebuild an engine whose sidecar no longer matches"),
     zero_copy: bool = typer.Option(False, "--zero-copy", help="TensorRT on Jetson (integrated GPU): mapped host memory instead of copies"),
@@ -275,7 +275,13 @@ def run(
     engine_options(model, **options)  # a missing file or an option the backend does not take: before the source opens
     src = open_source(source)
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    interrupted = threading.Event()
+
+    def on_signal(*_):
+        interrupted.set()
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if line_scan:
             from .stream.linescan import LineScanOptions, run_linescan
@@ -300,6 +306,11 @@ def run(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     typer.echo(f"results: {out}")
+    inspected = summary.get("tiles_inspected", summary.get("frames_inspected", 0))
+    if not inspected and not interrupted.is_set():  # a supervisor (systemd, a PLC watchdog) must notice
+        read = summary.get("chunks_read", summary.get("frames_read", 0))
+        raise StfpmError(f"nothing was inspected: {read} frame(s) read, {summary.get('frames_failed', summary.get('chunks_failed', 0))} failed "
+                         f"(see {out / 'summary.json'}; a --roi outside the frame or a source that never delivered?)")
 
 
 @command(help="The whole job on GENERATED data: train briefly, export, run a video and a line-scan web, write a report.")

@@ -48,6 +48,10 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     if value is None or default is None:
         return value
     kind = type(default)
+    if kind in (int, float) and isinstance(value, bool):
+        raise StfpmError(f"config: {name} must be a number, got {value!r}")
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise StfpmError(f"config: {name} must be a whole number, got {value!r}")
     if name == "augment" and isinstance(value, bool):  # older configs: augment: true meant flips
         return "flip" if value else "none"
     if name == "layers" and isinstance(value, (list, tuple)):
@@ -89,6 +93,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     for name, allowed in (("augment", AUGMENTS), ("amp", AMP_MODES), ("select", ("best", "last"))):
         if getattr(cfg, name) not in allowed:
             raise StfpmError(f"config: {name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    if not 0.0 < cfg.threshold_quantile <= 1.0:
+        raise StfpmError(f"config: threshold_quantile must be in (0, 1], got {cfg.threshold_quantile}")
+    if not 0.0 < cfg.val_fraction < 1.0:
+        raise StfpmError(f"config: val_fraction must be between 0 and 1, got {cfg.val_fraction}")
+    if cfg.lr <= 0 or cfg.threads < 0 or cfg.overlays < 0:
+        raise StfpmError("config: lr must be positive; threads and overlays not negative")
     if not 0.0 <= cfg.calib_fraction < 1.0 or cfg.val_fraction + cfg.calib_fraction >= 1.0:
         raise StfpmError(f"config: val_fraction + calib_fraction must leave images to train on (got {cfg.val_fraction} + {cfg.calib_fraction})")
     return cfg

@@ -187,6 +187,23 @@ def load_masks(samples: Sequence[Sample], sizes: Sequence[tuple[int, int]], geom
     return masks, has
 
 
+def check_test_set(samples: Sequence[Sample], progress: bool = False) -> None:
+    """Decode every test image and mask once, so a corrupt file or a mask of the wrong size is an
+    error before training starts (not after it). Nothing is kept."""
+    it = samples
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(samples, desc="checking test images", unit="img", leave=False)
+    for s in it:
+        h, w = decode_image(s.path).shape[:2]
+        if s.mask_path is not None:
+            m = decode_mask(s.mask_path)
+            if m.shape[:2] != (h, w):
+                raise DataError(f"{s.mask_path}: mask is {m.shape[1]}x{m.shape[0]} but its image {s.path} is {w}x{h}; "
+                                "masks must have the size of their image")
+
+
 def content_mask(geometry: Geometry, sizes: Sequence[tuple[int, int]]) -> np.ndarray:
     """bool [N,H,W]: True where model input holds image content (all True for ``squash``)."""
     out = np.zeros((len(sizes), geometry.height, geometry.width), dtype=bool)

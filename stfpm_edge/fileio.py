@@ -70,9 +70,28 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
+# scheme://userinfo@host...: the userinfo ends at the LAST "@" of the URL token, so a password
+# holding an unencoded "/" or "@" is masked whole
+_URL = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<rest>[^\s'\"]+)")
+# key=value secrets in query strings and GStreamer properties (rtspsrc user-pw=..., ?password=...)
+_KEYVALUE = re.compile(r"(?P<key>(?<![A-Za-z0-9_])(?:user-pw|password|passwd|pwd|pass|secret|token|api[-_]?key|access[-_]?token|auth)\s*=\s*)"
+                       r"(?P<q>[\"'])?(?P<value>(?(q)[^\"']*|[^&\s;,]*))", re.IGNORECASE)
+
+
+def _mask_url(m: re.Match) -> str:
+    rest = m["rest"]
+    at = rest.rfind("@")
+    if at < 0:
+        return m.group(0)
+    userinfo, host = rest[:at], rest[at:]
+    if ":" in userinfo:
+        user = userinfo.split(":", 1)[0]
+        return f"{m['scheme']}{user}:***{host}"
+    return m.group(0)
 
 
 def mask_secrets(text: str) -> str:
-    """``rtsp://user:password@host/x`` -> ``rtsp://user:***@host/x`` anywhere in ``text``."""
-    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
+    """Mask credentials anywhere in ``text``: ``rtsp://user:password@host/x`` -> ``rtsp://user:***@host/x``,
+    ``?password=x`` / ``token=x`` -> ``password=***``, GStreamer ``user-pw=x`` -> ``user-pw=***``."""
+    text = _URL.sub(_mask_url, str(text))
+    return _KEYVALUE.sub(lambda m: f"{m['key']}{m['q'] or ''}***" if m["value"] else m.group(0), text)

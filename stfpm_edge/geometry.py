@@ -17,6 +17,7 @@ from .errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 RESIZE_MODES = ("squash", "letterbox")
+MAX_SIDE = 4096  # model input; a 4096x4096 float map alone is 64 MB per frame
 
 
 # --------------------------------------------------------------------------------------- decoding
@@ -107,6 +108,9 @@ class Geometry:
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_MODES:
             raise DataError(f"resize mode {self.resize!r} is not one of {', '.join(RESIZE_MODES)}")
+        if self.height > MAX_SIDE or self.width > MAX_SIDE:
+            raise DataError(f"model size {self.height}x{self.width} is too large (at most {MAX_SIDE} per side); "
+                            "for big frames use --roi, a smaller --size, or line-scan tiling")
         if self.height < 32 or self.width < 32 or self.height % 16 or self.width % 16:
             raise DataError(
                 f"model size {self.height}x{self.width} must be multiples of 16 and at least 32 "

@@ -16,7 +16,7 @@ from . import __version__
 from .backbones import spec
 from .checkpoint import atomic_torch_save, save_checkpoint
 from .config import TrainConfig, parse_layers
-from .datasets import discover, heldout_splits
+from .datasets import check_test_set, discover, heldout_splits
 from .errors import StfpmError
 from .evaluate import evaluate, predict, write_outputs
 from .fileio import atomic_write_json, sha256_file
@@ -193,6 +193,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, store: TrainingStore)
     train_imgs = store.images("train", train_s, geometry, progress, "train images")
     val_imgs = store.images("val", val_s, geometry, progress, "validation images")
     calib_imgs = store.images("calib", calib_s, geometry, progress, "calibration images") if calib_s else val_imgs
+    check_test_set(dataset.test, progress)
 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)

@@ -102,3 +102,56 @@ def test_cli_eval_and_table(tiny_run, synthetic_mvtec, tmp_path):
     lines = result.output.strip().splitlines()
     assert lines[0].startswith("| Metric | Avg | carpet |") and "weave" in lines[0]
     assert lines[2].startswith("| Image AUC | ") and f"{100 * metrics['image_auroc']:.1f}" in lines[2]
+
+
+@pytest.mark.parametrize("breakage, named", [
+    ("test_image", "000.png"),
+    ("mask_size", "_mask.png"),
+])
+def test_test_set_faults_are_found_before_training(synthetic_mvtec, tmp_path, breakage, named):
+    import shutil
+
+    import cv2
+    import numpy as np
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_mvtec, data)
+    defect = next(d for d in (data / "test").iterdir() if d.name != "good")
+    if breakage == "test_image":
+        (defect / "000.png").write_bytes(b"\x89PNG broken")
+    else:
+        mask = next((data / "ground_truth" / defect.name).iterdir())
+        cv2.imwrite(str(mask), np.zeros((10, 10), np.uint8))
+    result = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "o"), "--size", "64", "--epochs", "1"])
+    assert result.exit_code == 2 and named in result.output, result.output
+    assert not (tmp_path / "o").exists()  # found before training: no run folder, no last.pt
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("epochs: 1.7", "whole number"),
+    ("batch_size: true", "must be a number"),
+    ("threshold_quantile: 7", "threshold_quantile"),
+])
+def test_config_values_are_not_silently_coerced(synthetic_mvtec, tmp_path, yaml_text, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {synthetic_mvtec}\n{yaml_text}\n")
+    with pytest.raises(StfpmError, match=message):
+        load_config(cfg)
+
+
+def test_run_rejects_bad_numbers_and_exits_nonzero_when_nothing_was_inspected(exported, tmp_path):
+    _, onnx_path = exported
+    video = tmp_path / "v.mp4"
+    _write_video(video, 9, size=(64, 64))
+    for args in (["--max-frames", "-5"], ["--threads", "-3"], ["--line-scan", "--overlap", "1.5"]):
+        result = runner.invoke(app, ["run", str(onnx_path), "--source", str(video), "--out", str(tmp_path / "x"), *args])
+        assert result.exit_code == 2, (args, result.output)
+    result = runner.invoke(app, ["run", str(onnx_path), "--source", str(video), "--out", str(tmp_path / "roi"), "--roi", "500,500,10,10"])
+    assert result.exit_code == 2 and "nothing was inspected" in result.output and "9 frame(s) read, 9 failed" in result.output
+    result = runner.invoke(app, ["run", str(onnx_path), "--source", str(video), "--out", str(tmp_path / "ok")])
+    assert result.exit_code == 0, result.output
+
+
+def test_huge_model_size_is_one_clear_line(synthetic_mvtec, tmp_path):
+    result = runner.invoke(app, ["train", "--data", str(synthetic_mvtec), "--out", str(tmp_path / "o"), "--size", "99984"])
+    assert result.exit_code == 2 and "too large" in result.output and "Traceback" not in result.output

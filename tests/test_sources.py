@@ -36,3 +36,19 @@ def test_secrets_are_masked_in_errors():
     with pytest.raises(SourceError) as info:
         open_source("rtsp://admin:hunter2@127.0.0.1:1/stream")
     assert "hunter2" not in str(info.value) and "admin:***@" in str(info.value)
+
+
+@pytest.mark.parametrize("text, secret, kept", [
+    ("rtsp://admin:hunter2@cam/stream", "hunter2", "rtsp://admin:***@cam/stream"),
+    ("rtsp://admin:pa/ss@w0rd@10.0.0.5:554/live", "pa/ss@w0rd", "rtsp://admin:***@10.0.0.5:554/live"),
+    ("rtspsrc location=rtsp://cam/x user-id=admin user-pw=hunter2 ! decodebin", "hunter2", "user-pw=*** ! decodebin"),
+    ('rtspsrc location=rtsp://cam/x user-pw="two words" ! fakesink', "two words", 'user-pw="***"'),
+    ("http://cam/snapshot.cgi?user=admin&password=hunter2&res=hd", "hunter2", "password=***&res=hd"),
+    ("https://hook.example/x?token=abc123", "abc123", "token=***"),
+])
+def test_every_spelling_of_a_credential_is_masked(text, secret, kept):
+    from stfpm_edge.fileio import mask_secrets
+
+    masked = mask_secrets(text)
+    assert secret not in masked and kept in masked, masked
+    assert mask_secrets("rtsp://cam/stream?res=hd") == "rtsp://cam/stream?res=hd"
