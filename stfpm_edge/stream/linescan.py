@@ -130,7 +130,46 @@ def merge_detections(dets: list[dict], radius_rows: float, radius_cols: float) -
     return sorted(merged, key=lambda d: d["row"])
 
 
+class HeatStrip:
+    """The stitched, downsampled picture of the whole web: rows kept as they arrive, tile maps max-merged."""
+
+    def __init__(self, downsample: int, max_rows: int):
+        self.ds, self.max_rows = max(1, downsample), max_rows
+        self.rows: list[np.ndarray] = []
+        self.map = np.zeros((0, 0), np.float32)
+
+    def add_rows(self, block: np.ndarray, first_row: int) -> None:
+        if first_row < self.max_rows:  # keep every ds-th web row (by global row index)
+            self.rows.append(block[(-first_row) % self.ds :: self.ds, :: self.ds])
+
+    def add_tile(self, tmap: np.ndarray, y0: int, x0: int, web_width: int) -> None:
+        ds = self.ds
+        th, tw = tmap.shape
+        sy0, sy1, sx0 = y0 // ds, (y0 + th) // ds, x0 // ds
+        if sy1 > self.max_rows // ds:
+            return
+        width = (web_width + ds - 1) // ds
+        if self.map.shape[1] != width:
+            self.map = np.zeros((self.map.shape[0], width), np.float32)
+        if sy1 > self.map.shape[0]:
+            self.map = np.concatenate([self.map, np.zeros((sy1 - self.map.shape[0], width), np.float32)])
+        small = cv2.resize(tmap, (max(1, tw // ds), max(1, sy1 - sy0)), interpolation=cv2.INTER_AREA)
+        region = self.map[sy0 : sy0 + small.shape[0], sx0 : sx0 + small.shape[1]]
+        np.maximum(region, small[: region.shape[0], : region.shape[1]], out=region)
+
+    def save(self, path: Path, threshold: float, defects: list[dict], tile_w: int) -> bool:
+        if not self.rows or not self.map.size:
+            return False
+        web = np.concatenate(self.rows)[: self.map.shape[0]]
+        heat = heat_overlay(web, cv2.resize(self.map, (web.shape[1], web.shape[0])), threshold)
+        for d in defects:
+            cv2.circle(heat, (d["col"] // self.ds, d["row"] // self.ds), max(6, tile_w // self.ds // 4), (255, 255, 255), 2)
+        atomic_write_bytes(path, cv2.imencode(".png", heat)[1].tobytes())
+        return True
+
+
 def run_linescan(engine_factory: Callable[[], Any], source: Source, opts: LineScanOptions, stop=None) -> dict[str, Any]:
+    """Inspect a web row block by row block until the source ends or ``stop`` is set; returns the summary."""
     import threading
 
     stop = stop or threading.Event()
@@ -145,9 +184,7 @@ def run_linescan(engine_factory: Callable[[], Any], source: Source, opts: LineSc
         geo, thr = engine.geometry, engine.threshold
         tile_h, tile_w = round(geo.height * opts.scale), round(geo.width * opts.scale)
         tiler = Tiler(tile_h, tile_w, opts.overlap)
-        ds = max(1, opts.strip_downsample)
-        strip_img: list[np.ndarray] = []
-        strip_map = np.zeros((0, 0), np.float32)
+        strip = HeatStrip(opts.strip_downsample, opts.max_strip_rows)
         coverage = np.zeros(0, np.int32)
         n_tiles = 0
         finishing = False
@@ -155,7 +192,7 @@ def run_linescan(engine_factory: Callable[[], Any], source: Source, opts: LineSc
         margin = int(min(tile_h, tile_w) * opts.overlap / 4)
 
         def inspect(tiles) -> None:
-            nonlocal strip_map, coverage, n_tiles
+            nonlocal coverage, n_tiles
             for y0, x0, tile in tiles:
                 t0 = time.perf_counter()
                 fitted, _ = geo.fit_image(tile)
@@ -167,23 +204,11 @@ def run_linescan(engine_factory: Callable[[], Any], source: Source, opts: LineSc
                 if len(coverage) < y0 + th:
                     coverage = np.concatenate([coverage, np.zeros(y0 + th - len(coverage), np.int32)])
                 coverage[y0 : y0 + th] += 1
-                # stitched strip (downsampled), max over overlapping tiles
-                sy0, sy1, sx0 = y0 // ds, (y0 + th) // ds, x0 // ds
-                if sy1 <= opts.max_strip_rows // ds:
-                    need = sy1 - strip_map.shape[0]
-                    width = (tiler.width + ds - 1) // ds
-                    if strip_map.shape[1] != width:
-                        strip_map = np.zeros((strip_map.shape[0], width), np.float32)
-                    if need > 0:
-                        strip_map = np.concatenate([strip_map, np.zeros((need, width), np.float32)])
-                    small = cv2.resize(tmap, (max(1, tw // ds), max(1, sy1 - sy0)), interpolation=cv2.INTER_AREA)
-                    region = strip_map[sy0 : sy0 + small.shape[0], sx0 : sx0 + small.shape[1]]
-                    np.maximum(region, small[: region.shape[0], : region.shape[1]], out=region)
-                bad = bool(is_anomalous(score, thr))
+                strip.add_tile(tmap, y0, x0, tiler.width)
                 record = {"tile": n_tiles, "row0": y0, "col0": x0, "rows": th, "cols": tw, "score": score,
                           "normalized_score": float(normalized_score(score, thr)), "verdict": verdict(score, thr),
                           "latency_ms": {"inference": round((t1 - t0) * 1e3, 3)}}
-                if bad:
+                if is_anomalous(score, thr):
                     found = tile_detections(tmap, thr, margin, (y0 > 0, y0 + th < tiler.total or not finishing, x0 > 0, x0 + tw < tiler.width))
                     for r, c, peak in found:
                         det = {"row": int(y0 + r), "col": int(x0 + c), "score": peak, "tile": n_tiles}
@@ -207,8 +232,7 @@ def run_linescan(engine_factory: Callable[[], Any], source: Source, opts: LineSc
                     counters.failed += 1
                     writer.write({"event": "failed_rows", "frame": frame.index, "error": frame.error})
                     continue
-                if tiler.total < opts.max_strip_rows:  # keep every ds-th web row (by global row index)
-                    strip_img.append(frame.image[(-tiler.total) % ds :: ds, ::ds])
+                strip.add_rows(frame.image, tiler.total)
                 inspect(tiler.push(frame.image))
             finishing = True
             inspect(tiler.finish())
@@ -229,12 +253,7 @@ def run_linescan(engine_factory: Callable[[], Any], source: Source, opts: LineSc
         "tile_latency_ms": percentiles(counters.latency["inference"]) if n_tiles else None,
         "source": source.describe(),
     }
-    if strip_img and strip_map.size:
-        web = np.concatenate(strip_img)[: strip_map.shape[0]]
-        heat = heat_overlay(web, cv2.resize(strip_map, (web.shape[1], web.shape[0])), thr)
-        for d in defects:
-            cv2.circle(heat, (d["col"] // ds, d["row"] // ds), max(6, tile_w // ds // 4), (255, 255, 255), 2)
-        atomic_write_bytes(opts.out_dir / "heat_strip.png", cv2.imencode(".png", heat)[1].tobytes())
+    if strip.save(opts.out_dir / "heat_strip.png", thr, defects, tile_w):
         summary["heat_strip"] = str(opts.out_dir / "heat_strip.png")
     atomic_write_json(opts.out_dir / "summary.json", summary)
     return summary
