@@ -99,14 +99,19 @@ def train(
     from .config import load_config
     from .train import train as run_training
 
+    import json
+
     h, w = _size(size)
+    stored = None
+    if resume and out is not None and (out / "config.json").is_file():  # a resumed run keeps its own settings
+        stored = json.loads((out / "config.json").read_text())
     cfg = load_config(config, dict(
         data=str(data) if data else None, out=str(out) if out else None, epochs=epochs, batch_size=batch_size, lr=lr,
         momentum=momentum, weight_decay=weight_decay, backbone=backbone,
         teacher_weights=str(teacher_weights) if teacher_weights else None, height=h, width=w, resize=resize,
         val_fraction=val_fraction, threshold_quantile=threshold_quantile, augment=augment, cache_teacher=cache_teacher,
         layers=layers, blur_sigma=blur_sigma, topk_fraction=topk_fraction, calib_fraction=calib_fraction, select=select, amp=amp,
-        seed=seed, threads=threads, device=device, overlays=overlays))
+        seed=seed, threads=threads, device=device, overlays=overlays), stored=stored)
     run_dir, metrics = run_training(cfg, resume=resume)
     _print_metrics(metrics)
     typer.echo(f"seconds per epoch (median): {_fmt(metrics.get('seconds_per_epoch'))}")

@@ -66,9 +66,31 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         raise StfpmError(f"config: {name} must be {kind.__name__}, got {value!r}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+# what may change when a run is resumed: how long and where it runs, not what it learns
+RESUME_MAY_CHANGE = ("epochs", "threads", "device", "overlays", "out")
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, stored: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then ``stored`` (a resumed run's own config.json), then the YAML file, then flags.
+
+    When resuming, a file or flag that contradicts the stored value of a setting that shapes the
+    model is an error naming both values.
+    """
     values: dict[str, Any] = {}
     known = {f.name: f for f in fields(TrainConfig)}
+    if stored:
+        values.update({k: v for k, v in stored.items() if k in known})
+        defaults_now = TrainConfig()
+        given: dict[str, Any] = {}
+        if path is not None and Path(path).is_file():
+            given.update(yaml.safe_load(Path(path).read_text()) or {})
+        given.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        for k, v in given.items():
+            if k in known and k not in RESUME_MAY_CHANGE and k in stored:
+                ours = _coerce(k, v, getattr(defaults_now, k))
+                if ours != stored[k] and not (k == "data" and Path(str(ours)).resolve() == Path(str(stored[k])).resolve()):
+                    raise StfpmError(f"--resume: {k} was {stored[k]!r} in this run, now {ours!r}; a resumed run keeps its settings "
+                                     "(only epochs, threads, device and overlays may change); start a new run to change it")
     if path is not None:
         path = Path(path)
         if not path.is_file():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -171,41 +172,68 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> tupl
     Images and teacher features live in a temporary training store on disk, not in memory.
     """
     with TrainingStore() as store:
-        return _train(cfg, resume, progress, store)
+        prepared = _prepare(cfg, resume, progress, store)
+        training = _fit(prepared, resume, progress)
+        return _finish(prepared, training, progress)
 
 
-def _train(cfg: TrainConfig, resume: bool, progress: bool, store: TrainingStore) -> tuple[Path, dict[str, Any]]:
-    from tqdm import tqdm
+@dataclass
+class Prepared:
+    """Everything a run needs before its first epoch (all input checked, nothing written yet)."""
 
+    cfg: TrainConfig
+    run_dir: Path
+    dataset: Any
+    geometry: Geometry
+    splits: tuple[list, list, list]  # train, validation, calibration samples
+    train_imgs: Any
+    val_imgs: Any
+    calib_imgs: Any
+    model: STFPM
+    cache_train: TeacherCache | None
+    cache_val: TeacherCache
+
+
+def _prepare(cfg: TrainConfig, resume: bool, progress: bool, store: TrainingStore) -> Prepared:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     geometry = Geometry(cfg.height, cfg.width, cfg.resize)
     dataset = discover(cfg.data, seed=cfg.seed)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg, dataset.name)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise StfpmError(f"{run_dir}: --out names a file; give a folder for the run")
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise StfpmError(f"{run_dir}: run folder exists and is not empty; pass --resume to continue it or choose another --out")
     if resume and not (run_dir / LAST).is_file() and (run_dir / MODEL).is_file():
         raise StfpmError(f"{run_dir}: nothing to resume, this run finished ({MODEL} is there); choose another --out to train again")
-    train_s, val_s, calib_s = heldout_splits(dataset.train, cfg.val_fraction, cfg.calib_fraction, cfg.seed)
+    splits = heldout_splits(dataset.train, cfg.val_fraction, cfg.calib_fraction, cfg.seed)
     post = MapPost(cfg.blur_sigma, cfg.topk_fraction)
     layers = parse_layers(cfg.layers)
     # decode everything up front: a bad file fails here, before anything is written
-    train_imgs = store.images("train", train_s, geometry, progress, "train images")
-    val_imgs = store.images("val", val_s, geometry, progress, "validation images")
-    calib_imgs = store.images("calib", calib_s, geometry, progress, "calibration images") if calib_s else val_imgs
+    train_imgs = store.images("train", splits[0], geometry, progress, "train images")
+    val_imgs = store.images("val", splits[1], geometry, progress, "validation images")
+    calib_imgs = store.images("calib", splits[2], geometry, progress, "calibration images") if splits[2] else val_imgs
     check_test_set(dataset.test, progress)
 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    amp = autocast_dtype(cfg.amp, device)
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     model = STFPM.build(cfg.backbone, cfg.teacher_weights, layers=layers, post=post).to(device)
-    optimizer = torch.optim.SGD(model.student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(cfg.seed)
     use_cache = cfg.cache_teacher and cfg.augment == "none"
     cache_train = TeacherCache(model, train_imgs, cfg.batch_size, store, "train") if use_cache else None
     cache_val = TeacherCache(model, val_imgs, cfg.batch_size, store, "val")  # validation images are never augmented
+    return Prepared(cfg, run_dir, dataset, geometry, splits, train_imgs, val_imgs, calib_imgs, model, cache_train, cache_val)
 
+
+def _fit(p: Prepared, resume: bool, progress: bool) -> dict[str, Any]:
+    """The epochs: the student learns, the best (or last) student is kept; resumable after every epoch."""
+    from tqdm import tqdm
+
+    cfg, model, run_dir = p.cfg, p.model, p.run_dir
+    device = next(model.parameters()).device
+    amp = autocast_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    optimizer = torch.optim.SGD(model.student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     start_epoch, best_loss, best_epoch, best_state, history = 0, float("inf"), -1, None, []
     if resume and (run_dir / LAST).is_file():
@@ -224,8 +252,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, store: TrainingStore)
     bar = tqdm(range(start_epoch, cfg.epochs), desc="training", unit="epoch", disable=not progress, initial=start_epoch, total=cfg.epochs)
     for epoch in bar:
         t0 = time.perf_counter()
-        train_loss = run_epoch(model, train_imgs, cache_train, optimizer, cfg, generator, amp, scaler)
-        val_loss = validation_loss(model, val_imgs, cache_val, cfg.batch_size)
+        train_loss = run_epoch(model, p.train_imgs, p.cache_train, optimizer, cfg, generator, amp, scaler)
+        val_loss = validation_loss(model, p.val_imgs, p.cache_val, cfg.batch_size)
         if not np.isfinite(train_loss):
             raise StfpmError(f"training diverged at epoch {epoch + 1} (loss {train_loss}); lower --lr")
         if val_loss < best_loss or cfg.select == "last":
@@ -239,41 +267,48 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, store: TrainingStore)
             "best_loss": best_loss, "best_epoch": best_epoch, "best_student": best_state, "history": history,
         })
     bar.close()
-
     model.student.load_state_dict(best_state)
     model.eval()
+    epoch_seconds = [h["seconds"] for h in history]
+    return {"epochs": cfg.epochs, "best_epoch": best_epoch + 1, "best_val_loss": best_loss, "history": history,
+            "seconds_per_epoch": float(np.median(epoch_seconds)) if epoch_seconds else None}
+
+
+def _finish(p: Prepared, training: dict[str, Any], progress: bool) -> tuple[Path, dict[str, Any]]:
+    """Threshold from held-out good images, the self-contained checkpoint, evaluation and reports."""
     from .engines.torch_engine import TorchEngine
 
-    val_maps, val_scores = predict(TorchEngine.from_model(model, {"geometry": geometry.to_dict()}).infer, calib_imgs)
+    cfg, model, run_dir, geometry, dataset = p.cfg, p.model, p.run_dir, p.geometry, p.dataset
+    train_s, val_s, calib_s = p.splits
+    val_maps, val_scores = predict(TorchEngine.from_model(model, {"geometry": geometry.to_dict()}).infer, p.calib_imgs)
     threshold = threshold_from_normal(val_scores, cfg.threshold_quantile)
-    epoch_seconds = [h["seconds"] for h in history]
     meta: dict[str, Any] = {
         "backbone": cfg.backbone,
         "layers": list(model.teacher.feature_info.out_indices),
-        "map_post": post.to_dict(),
+        "map_post": model.post.to_dict(),
         "geometry": geometry.to_dict(),
         "input": {"dtype": "uint8", "layout": "NHWC", "colour_order": "BGR"},
         "normalization": {"colour_order": "RGB", "mean": list(spec(cfg.backbone).mean), "std": list(spec(cfg.backbone).std)},
         "threshold": {"image": threshold, "quantile": cfg.threshold_quantile,
-                      "rule": f"quantile {cfg.threshold_quantile} of the image scores of {len(calib_imgs)} held-out good images"
+                      "rule": f"quantile {cfg.threshold_quantile} of the image scores of {len(p.calib_imgs)} held-out good images"
                               + (" (a calibration split that did not select the checkpoint)" if calib_s else " (the validation split)")},
-        "normal_stats": {"image_scores": normal_statistics(val_scores), "pixel_max": float(val_maps.max())},
+        "normal_stats": {"image_scores": normal_statistics(val_scores), "pixel_max": float(val_maps.max()),
+                         "heldout_scores": [float(v) for v in val_scores]},
         "config": cfg.to_dict(),
-        "dataset": {"name": dataset.name, "layout": dataset.layout, "root": str(dataset.root), "n_train": len(train_s), "n_val": len(val_s), "n_calib": len(calib_s), "n_test": len(dataset.test)},
-        "training": {"epochs": cfg.epochs, "best_epoch": best_epoch + 1, "best_val_loss": best_loss, "history": history,
-                      "seconds_per_epoch": float(np.median(epoch_seconds)) if epoch_seconds else None},
+        "dataset": {"name": dataset.name, "layout": dataset.layout, "root": str(dataset.root), "n_train": len(train_s),
+                    "n_val": len(val_s), "n_calib": len(calib_s), "n_test": len(dataset.test)},
+        "training": training,
         "tool_version": __version__,
     }
     save_checkpoint(run_dir / MODEL, model, meta)
 
     result = evaluate(TorchEngine.from_model(model, meta).infer, dataset.test, geometry, threshold, progress=progress)
     record = write_outputs(result, run_dir, geometry, threshold, dataset, cfg.overlays, extra={
-        "backbone": cfg.backbone, "epochs": cfg.epochs, "best_epoch": best_epoch + 1,
-        "seconds_per_epoch": meta["training"]["seconds_per_epoch"], "model": str(run_dir / MODEL)})
+        "backbone": cfg.backbone, "epochs": cfg.epochs, "best_epoch": training["best_epoch"],
+        "seconds_per_epoch": training["seconds_per_epoch"], "model": str(run_dir / MODEL)})
     meta["metrics"] = {k: v for k, v in result.metrics.items()}
     save_checkpoint(run_dir / MODEL, model, meta)  # now with the metrics it earned
     (run_dir / LAST).unlink(missing_ok=True)  # finished: the checkpoint supersedes the resume state
     record["model_sha256"] = sha256_file(run_dir / MODEL)
     atomic_write_json(run_dir / "metrics.json", record)
     return run_dir, record
-

@@ -155,3 +155,15 @@ def test_run_rejects_bad_numbers_and_exits_nonzero_when_nothing_was_inspected(ex
 def test_huge_model_size_is_one_clear_line(synthetic_mvtec, tmp_path):
     result = runner.invoke(app, ["train", "--data", str(synthetic_mvtec), "--out", str(tmp_path / "o"), "--size", "99984"])
     assert result.exit_code == 2 and "too large" in result.output and "Traceback" not in result.output
+
+
+def test_resume_keeps_the_runs_own_settings(synthetic_mvtec, tmp_path):
+    out = tmp_path / "r"
+    first = runner.invoke(app, ["train", "--data", str(synthetic_mvtec), "--out", str(out), "--size", "64", "--batch-size", "4", "--epochs", "1"])
+    assert first.exit_code == 0, first.output
+    state = json.loads((out / "config.json").read_text())
+    assert state["height"] == 64 and state["batch_size"] == 4
+    bad = runner.invoke(app, ["train", "--data", str(synthetic_mvtec), "--out", str(out), "--epochs", "2", "--resume", "--size", "128"])
+    assert bad.exit_code == 2 and "height was 64 in this run, now 128" in bad.output, bad.output
+    cfg = load_config(None, {"data": str(synthetic_mvtec), "epochs": 2}, stored=state)
+    assert (cfg.height, cfg.batch_size, cfg.epochs) == (64, 4, 2)  # stored settings, new epoch count
