@@ -96,10 +96,10 @@ def train(
     overlays: Optional[int] = typer.Option(None, help="heat-map overlays to save [default: 12]"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last finished epoch"),
 ):
+    import json
+
     from .config import load_config
     from .train import train as run_training
-
-    import json
 
     h, w = _size(size)
     stored = None
@@ -264,7 +264,7 @@ def _roi(value: Optional[str]):
 def run(
     model: Path = typer.Argument(..., help=".pt, .onnx or .engine"),
     source: str = typer.Option(..., "--source", help="camera index (0), video file, rtsp://... or http://..., a GStreamer pipeline (contains '!'), an image folder or a glob"),
-    out: Path = typer.Option(Path("runs/inspect"), "--out", help="folder for frames.jsonl, summary.json, anomalies/, video"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for frames.jsonl, summary.json, anomalies/, video; one folder per run [default: runs/inspect-<time>]"),
     roi: Optional[str] = typer.Option(None, help="x,y,w,h crop of the source frame before resizing to the model size"),
     save_video: Optional[Path] = typer.Option(None, "--save-video", help="write the annotated stream to this .mp4"),
     save_anomalies: bool = typer.Option(True, "--save-anomalies/--no-save-anomalies", help="save anomalous frames and their heat maps"),
@@ -282,11 +282,21 @@ def run(
     import threading
 
     from .engines import engine_options, open_engine
+    from .stream.outputs import RunFolder
     from .stream.sources import open_source
 
     options = {"threads": threads, "build_if_stale": build_if_stale, "zero_copy": zero_copy}
     engine_options(model, **options)  # a missing file or an option the backend does not take: before the source opens
+    if out is None:
+        from datetime import datetime
+
+        out = Path("runs") / f"inspect-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
     src = open_source(source)
+    try:
+        folder = RunFolder(out).__enter__()  # refuses a folder with another run's results, locks it for this run
+    except BaseException:
+        src.close()
+        raise
     stop = threading.Event()
     interrupted = threading.Event()
 
@@ -318,6 +328,7 @@ def run(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        folder.__exit__()
     typer.echo(f"results: {out}")
     inspected = summary.get("tiles_inspected", summary.get("frames_inspected", 0))
     if not inspected and not interrupted.is_set():  # a supervisor (systemd, a PLC watchdog) must notice

@@ -167,3 +167,29 @@ def test_resume_keeps_the_runs_own_settings(synthetic_mvtec, tmp_path):
     assert bad.exit_code == 2 and "height was 64 in this run, now 128" in bad.output, bad.output
     cfg = load_config(None, {"data": str(synthetic_mvtec), "epochs": 2}, stored=state)
     assert (cfg.height, cfg.batch_size, cfg.epochs) == (64, 4, 2)  # stored settings, new epoch count
+
+
+def test_a_run_folder_belongs_to_one_run(exported, tmp_path):
+    import os
+
+    from stfpm_edge.stream.outputs import RunFolder
+
+    _, onnx_path = exported
+    video = tmp_path / "v.mp4"
+    _write_video(video, 5, size=(64, 64))
+    out = tmp_path / "o"
+    assert runner.invoke(app, ["run", str(onnx_path), "--source", str(video), "--out", str(out)]).exit_code == 0
+    before = (out / "frames.jsonl").read_text()
+    second = runner.invoke(app, ["run", str(onnx_path), "--source", str(video), "--out", str(out)])
+    assert second.exit_code == 2 and "results of an earlier run" in second.output
+    assert (out / "frames.jsonl").read_text() == before and not (out / ".run.lock").exists()
+    live = tmp_path / "live"
+    with RunFolder(live):  # a run that is alive holds the lock
+        busy = runner.invoke(app, ["run", str(onnx_path), "--source", str(video), "--out", str(live)])
+        assert busy.exit_code == 2 and f"PID {os.getpid()}" in busy.output
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / ".run.lock").write_text("999999999")  # its process is gone
+    assert runner.invoke(app, ["run", str(onnx_path), "--source", str(video), "--out", str(stale)]).exit_code == 0
+    (tmp_path / "afile").write_text("x")
+    assert "names a file" in runner.invoke(app, ["run", str(onnx_path), "--source", str(video), "--out", str(tmp_path / "afile")]).output

@@ -9,6 +9,7 @@ most once per frame, and only when some output asks for it.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,69 @@ from ..fileio import atomic_write_bytes
 from ..render import annotate, heat_overlay
 from ..scoring import ANOMALOUS, normalized_score
 from .inspection import Inspection, crop
+
+
+class RunFolder:
+    """A run folder belongs to one run: refused when another run's results are in it, locked while alive.
+
+    The lock is a file holding the owner's PID, created exclusively; a lock whose process is gone
+    (a crash, kill -9) is taken over.
+    """
+
+    RESULTS = ("frames.jsonl", "tiles.jsonl", "summary.json")
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.lock = self.path / ".run.lock"
+        self._held = False
+
+    def __enter__(self) -> "RunFolder":
+        from ..errors import StfpmError
+
+        if self.path.exists() and not self.path.is_dir():
+            raise StfpmError(f"{self.path}: --out names a file; give a folder for the run's results")
+        self.path.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                owner = _read_pid(self.lock)
+                if owner is not None and _alive(owner):
+                    raise StfpmError(f"{self.path}: another run (PID {owner}) is writing here; give this run its own --out") from None
+                self.lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            self._held = True
+            break
+        taken = [n for n in self.RESULTS if (self.path / n).exists()]
+        if taken:
+            self.__exit__()
+            raise StfpmError(f"{self.path}: holds the results of an earlier run ({', '.join(taken)}); "
+                             "choose another --out (the default makes a new folder per run)")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._held:
+            self.lock.unlink(missing_ok=True)
+            self._held = False
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class JsonlWriter:
