@@ -62,3 +62,48 @@ def test_merge_detections_keeps_one_per_defect():
     dets = [{"row": 100, "col": 10, "score": 1.0}, {"row": 105, "col": 12, "score": 2.0}, {"row": 300, "col": 10, "score": 1.5}]
     merged = merge_detections(dets, 16, 16)
     assert [(d["row"], d["score"]) for d in merged] == [(105, 2.0), (300, 1.5)]
+
+
+def _run_bounded(fn, seconds=30):
+    """Run ``fn`` in a thread; fail (instead of hanging the suite) if it does not return in time."""
+    import threading
+
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), "line-scan did not end: deadlock"
+    return box
+
+
+def test_rows_of_another_width_are_failed_not_fatal(tmp_path):
+    blocks = [np.full((40, 100, 3), 180, np.uint8) for _ in range(20)]
+    blocks[7] = np.full((40, 120, 3), 180, np.uint8)
+    box = _run_bounded(lambda: run_linescan(lambda: DarkSpotEngine((32, 32)), IterSource(iter(blocks)), LineScanOptions(tmp_path / "w")))
+    s = box["value"]
+    assert s["chunks_read"] == 20 and s["chunks_failed"] == 1 and s["rows_received"] == 19 * 40 and s["rows_uninspected"] == 0
+
+
+def test_an_error_inside_the_loop_ends_promptly_with_a_summary(tmp_path):
+    import json
+
+    class Failing(DarkSpotEngine):
+        def infer(self, frames):
+            if self.calls >= 3:
+                raise RuntimeError("engine fell over")
+            return super().infer(frames)
+
+    blocks = (np.full((16, 64, 3), 180, np.uint8) for _ in range(2000))  # far more than the hand-over holds
+    box = _run_bounded(lambda: run_linescan(lambda: Failing((32, 32)), IterSource(blocks), LineScanOptions(tmp_path / "f")))
+    assert "engine fell over" in str(box.get("error"))
+    summary = json.loads((tmp_path / "f" / "summary.json").read_text())
+    assert "engine fell over" in summary["error"] and summary["tiles_inspected"] == 3
+    lines = (tmp_path / "f" / "tiles.jsonl").read_text().splitlines()
+    assert all(json.loads(line) for line in lines)

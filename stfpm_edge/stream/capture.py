@@ -51,6 +51,11 @@ class LatestSlot:
                 return item
             return END
 
+    def discard(self, timeout: float = 0.1) -> None:
+        """Throw away whatever waits (used while shutting down)."""
+        with self._cond:
+            self._item, self._has = None, False
+
 
 class BlockingQueue:
     """Lossless hand-over for files and folders (bounded, so memory stays bounded)."""
@@ -64,6 +69,13 @@ class BlockingQueue:
 
     def get(self):
         return self._q.get()
+
+    def discard(self, timeout: float = 0.1) -> None:
+        """Throw away one waiting item, or wait up to ``timeout`` for one (used while shutting down)."""
+        try:
+            self._q.get(timeout=timeout)
+        except queue.Empty:
+            pass
 
 
 def handover_for(source: Source):
@@ -102,6 +114,16 @@ class Capture:
 
     def join(self) -> None:
         self._thread.join()
+
+    def stop_and_join(self) -> None:
+        """Stop reading and wait for the thread, emptying the hand-over so a blocked ``put`` can finish.
+
+        Without the draining, a consumer that failed would leave capture blocked on a full queue
+        forever (and a Ctrl-C with it)."""
+        self.stop.set()
+        while self._thread.is_alive():
+            self.handover.discard(0.05)
+            self._thread.join(0.05)
 
     def _run(self) -> None:
         source, counters = self.source, self.counters

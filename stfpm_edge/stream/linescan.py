@@ -18,7 +18,7 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
-from ..fileio import atomic_write_bytes, atomic_write_json
+from ..fileio import atomic_write_bytes, atomic_write_json, mask_secrets
 from ..render import heat_overlay
 from ..scoring import is_anomalous, normalized_score, verdict
 from ..timing import percentiles
@@ -179,6 +179,7 @@ def run_linescan(engine_factory: Callable[[], Any], source: Source, opts: LineSc
     events: list = []
     writer = JsonlWriter(opts.out_dir / "tiles.jsonl")
     detections: list[dict] = []
+    error: BaseException | None = None
     t_start = time.perf_counter()
     with engine_factory() as engine:
         geo, thr = engine.geometry, engine.threshold
@@ -232,13 +233,20 @@ def run_linescan(engine_factory: Callable[[], Any], source: Source, opts: LineSc
                     counters.failed += 1
                     writer.write({"event": "failed_rows", "frame": frame.index, "error": frame.error})
                     continue
-                strip.add_rows(frame.image, tiler.total)
-                inspect(tiler.push(frame.image))
+                try:
+                    tiles = tiler.push(frame.image)
+                except ValueError as exc:  # rows of another width: not part of this web
+                    counters.failed += 1
+                    writer.write({"event": "failed_rows", "frame": frame.index, "error": str(exc)})
+                    continue
+                strip.add_rows(frame.image, tiler.total - len(frame.image))
+                inspect(tiles)
             finishing = True
             inspect(tiler.finish())
+        except BaseException as exc:  # end promptly, with a summary that says why
+            error = exc
         finally:
-            stop.set()
-            cap.join()
+            cap.stop_and_join()
             source.close()
     defects = merge_detections(detections, tile_h / 4, tile_w / 4)
     for d in defects:
@@ -253,7 +261,11 @@ def run_linescan(engine_factory: Callable[[], Any], source: Source, opts: LineSc
         "tile_latency_ms": percentiles(counters.latency["inference"]) if n_tiles else None,
         "source": source.describe(),
     }
-    if strip.save(opts.out_dir / "heat_strip.png", thr, defects, tile_w):
+    if error is None and strip.save(opts.out_dir / "heat_strip.png", thr, defects, tile_w):
         summary["heat_strip"] = str(opts.out_dir / "heat_strip.png")
+    if error is not None:
+        summary["error"] = mask_secrets(f"{type(error).__name__}: {error}")
     atomic_write_json(opts.out_dir / "summary.json", summary)
+    if error is not None:
+        raise error
     return summary
