@@ -282,7 +282,7 @@ def run(
     import threading
 
     from .engines import engine_options, open_engine
-    from .stream.outputs import RunFolder
+    from .stream.outputs import RunFolder, check_video_path
     from .stream.sources import open_source
 
     options = {"threads": threads, "build_if_stale": build_if_stale, "zero_copy": zero_copy}
@@ -291,6 +291,8 @@ def run(
         from datetime import datetime
 
         out = Path("runs") / f"inspect-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
+    if save_video is not None:
+        check_video_path(save_video)
     src = open_source(source)
     try:
         folder = RunFolder(out).__enter__()  # refuses a folder with another run's results, locks it for this run

@@ -143,7 +143,8 @@ def test_run_rejects_bad_numbers_and_exits_nonzero_when_nothing_was_inspected(ex
     _, onnx_path = exported
     video = tmp_path / "v.mp4"
     _write_video(video, 9, size=(64, 64))
-    for args in (["--max-frames", "-5"], ["--threads", "-3"], ["--line-scan", "--overlap", "1.5"]):
+    for args in (["--max-frames", "-5"], ["--threads", "-3"], ["--line-scan", "--overlap", "1.5"],
+                 ["--save-video", str(tmp_path)], ["--save-video", str(tmp_path / "out.txt")]):
         result = runner.invoke(app, ["run", str(onnx_path), "--source", str(video), "--out", str(tmp_path / "x"), *args])
         assert result.exit_code == 2, (args, result.output)
     result = runner.invoke(app, ["run", str(onnx_path), "--source", str(video), "--out", str(tmp_path / "roi"), "--roi", "500,500,10,10"])

@@ -95,3 +95,55 @@ def test_output_failure_does_not_hang_and_leaves_valid_jsonl(tmp_path, monkeypat
         run_stream(lambda: DarkSpotEngine(), IterSource(_frames(200)), RunOptions(tmp_path / "o"))
     lines = (tmp_path / "o" / "frames.jsonl").read_text().splitlines()
     assert len(lines) == 4 and all(json.loads(l)["status"] == "inspected" for l in lines)
+
+
+def test_full_disk_for_side_outputs_keeps_every_verdict(tmp_path, monkeypatch):
+    """Anomaly pictures that cannot be written are reported once and counted; inspection and the JSONL go on."""
+    import errno
+
+    import stfpm_edge.stream.outputs as outputs
+
+    def no_space(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs, "atomic_write_bytes", no_space)
+    frames = _frames(30, bad={3, 9, 20})
+    summary = run_stream(lambda: DarkSpotEngine(), IterSource(frames), RunOptions(tmp_path / "o"))
+    assert summary["frames_inspected"] == 30 and summary["frames_anomalous"] == 3
+    assert summary["output_failures"] == [{"output": "AnomalyFiles", "failed": 3, "error": "[Errno 28] No space left on device"}]
+    recs = _records(tmp_path / "o")
+    assert sum(r.get("status") == "inspected" for r in recs) == 30
+    assert [r["event"] for r in recs if "event" in r] == ["output_failed"]  # said once
+
+
+def test_jsonl_never_ends_in_a_partial_line(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import stfpm_edge.stream.outputs as outputs
+
+    real = os.pwrite
+    state = {"n": 0}
+
+    def flaky_pwrite(fd, data, offset):
+        state["n"] += 1
+        if 10 <= state["n"] < 15:  # the disk is full for a while: half a line gets out, then an error
+            real(fd, data[: len(data) // 2], offset)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(outputs.os, "pwrite", flaky_pwrite)
+    summary = run_stream(lambda: DarkSpotEngine(), IterSource(_frames(40)), RunOptions(tmp_path / "o", save_anomalies=False))
+    text = (tmp_path / "o" / "frames.jsonl").read_text()
+    assert text.endswith("\n")
+    recs = [json.loads(line) for line in text.splitlines()]  # every line whole
+    assert len(recs) == 35 and summary["records_lost"] == 5 and "No space" in summary["records_error"]
+
+
+def test_anomaly_pictures_are_capped(tmp_path):
+    frames = _frames(40, bad=set(range(0, 40, 2)))
+    opts = RunOptions(tmp_path / "o", keep_anomalies=4)
+    summary = run_stream(lambda: DarkSpotEngine(), IterSource(frames), opts)
+    kept = sorted(p.name for p in (tmp_path / "o" / "anomalies").iterdir())
+    assert summary["frames_anomalous"] == 20 and summary["anomaly_files_rotated"] == 16
+    assert kept == sorted(f"{i:06d}_{k}" for i in (32, 34, 36, 38) for k in ("overlay.jpg", "heatmap.png"))

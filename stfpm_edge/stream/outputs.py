@@ -86,18 +86,44 @@ def _alive(pid: int) -> bool:
 
 
 class JsonlWriter:
-    """One JSON object per line, flushed as written: a crash leaves whole lines only."""
+    """One JSON object per line, flushed as written: a crash leaves whole lines only.
+
+    A write that fails (a full disk) is cut back to the last whole line, counted in ``lost`` and
+    reported once in ``error``; the writer keeps trying with the next record, so records resume
+    as soon as space returns.
+    """
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(path, "w", encoding="utf-8")
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._end = 0
+        self.lost = 0
+        self.error: str | None = None
 
     def write(self, record: dict) -> None:
-        self._fh.write(json.dumps(record) + "\n")
-        self._fh.flush()
+        data = (json.dumps(record) + "\n").encode("utf-8")
+        try:
+            done = 0
+            while done < len(data):
+                done += os.pwrite(self._fd, data[done:], self._end + done)
+            self._end += len(data)
+        except OSError as exc:
+            self.lost += 1
+            self.error = self.error or f"{self.path}: {exc.strerror or exc}"
+            try:
+                os.ftruncate(self._fd, self._end)  # never a partial last line
+            except OSError:
+                pass
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fd >= 0:
+            try:
+                os.fsync(self._fd)
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = -1
 
 
 class Picture:
@@ -140,10 +166,25 @@ class Output:
         pass
 
 
+VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
+
+
+def check_video_path(path: Path) -> None:
+    """Refuse a --save-video target that cannot become a video, before the run starts."""
+    from ..errors import StfpmError
+
+    path = Path(path)
+    if path.is_dir():
+        raise StfpmError(f"--save-video {path}: is a folder; give a file name such as {path / 'annotated.mp4'}")
+    if path.suffix.lower() not in VIDEO_CODECS:
+        raise StfpmError(f"--save-video {path}: unknown video type {path.suffix!r}; use one of {', '.join(VIDEO_CODECS)}")
+
+
 class VideoOutput(Output):
-    """The annotated stream as an .mp4; a video has one frame size: the first frame's."""
+    """The annotated stream as a video file; a video has one frame size: the first frame's."""
 
     def __init__(self, path: Path, fps: float = 25.0):
+        check_video_path(path)
         self.path, self.fps = path, fps
         self._writer = None
         self._size: tuple[int, int] | None = None
@@ -153,7 +194,9 @@ class VideoOutput(Output):
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._size = (vis.shape[1], vis.shape[0])
-            self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, self._size)
+            self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*VIDEO_CODECS[self.path.suffix.lower()]), self.fps, self._size)
+            if not self._writer.isOpened():
+                raise OSError(f"cannot open {self.path} for writing a video")
         self._writer.write(vis if (vis.shape[1], vis.shape[0]) == self._size else cv2.resize(vis, self._size))
 
     def close(self) -> None:
@@ -162,10 +205,18 @@ class VideoOutput(Output):
 
 
 class AnomalyFiles(Output):
-    """For each anomalous frame: the annotated frame (JPEG) and its heat map (PNG) in ``folder``."""
+    """For each anomalous frame: the annotated frame (JPEG) and its heat map (PNG) in ``folder``.
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    At most ``keep`` frames are kept: the oldest pair is deleted when a new one would exceed it,
+    so a long run cannot fill the disk with pictures (the JSONL keeps every verdict).
+    """
+
+    def __init__(self, folder: Path, keep: int = 1000):
+        from collections import deque
+
+        self.folder, self.keep = folder, keep
+        self._written: deque = deque()
+        self.rotated = 0
 
     def write(self, insp, picture) -> None:
         if insp.result.verdict != ANOMALOUS:
@@ -174,6 +225,12 @@ class AnomalyFiles(Output):
         atomic_write_bytes(self.folder / f"{stem}_overlay.jpg", cv2.imencode(".jpg", picture.image)[1].tobytes())
         heat = cv2.applyColorMap((normalized_score(picture.source_map, picture.threshold) * 255).astype(np.uint8), cv2.COLORMAP_JET)
         atomic_write_bytes(self.folder / f"{stem}_heatmap.png", cv2.imencode(".png", heat)[1].tobytes())
+        self._written.append(stem)
+        while len(self._written) > self.keep:
+            old = self._written.popleft()
+            for suffix in ("_overlay.jpg", "_heatmap.png"):
+                (self.folder / f"{old}{suffix}").unlink(missing_ok=True)
+            self.rotated += 1
 
 
 class Window(Output):

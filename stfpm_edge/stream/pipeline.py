@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import StfpmError
 from ..fileio import atomic_write_json, mask_secrets
 from ..scoring import ANOMALOUS
 from .capture import END, Capture, Reconnect, handover_for
@@ -36,6 +37,7 @@ class RunOptions:
     backoff_s: float = 0.5
     backoff_max_s: float = 8.0
     max_frames: int | None = None
+    keep_anomalies: int = 1000  # anomalous frames kept as pictures (oldest deleted first)
 
     @property
     def reconnect(self) -> Reconnect:
@@ -47,10 +49,13 @@ class RunOptions:
         if self.save_video:
             outs.append(VideoOutput(self.save_video, self.video_fps))
         if self.save_anomalies:
-            outs.append(AnomalyFiles(self.out_dir / "anomalies"))
+            outs.append(AnomalyFiles(self.out_dir / "anomalies", self.keep_anomalies))
         if self.show:
             outs.append(Window(stop))
         return outs
+
+
+OUTPUT_GIVE_UP = 100  # consecutive-or-not failures after which an output is no longer tried
 
 
 def run_stream(engine_factory: Callable[[], Any], source: Source, opts: RunOptions, stop: threading.Event | None = None, progress: bool = False) -> dict[str, Any]:
@@ -74,6 +79,7 @@ def run_stream(engine_factory: Callable[[], Any], source: Source, opts: RunOptio
 
     writer = JsonlWriter(opts.out_dir / "frames.jsonl")
     outputs = opts.outputs(stop)
+    broken: dict = {}
     bar = None
     if progress:
         from tqdm import tqdm
@@ -93,7 +99,15 @@ def run_stream(engine_factory: Callable[[], Any], source: Source, opts: RunOptio
             t4 = time.perf_counter()
             picture = Picture(insp, inspector.geometry, inspector.threshold, opts.roi)
             for out in outputs:  # each draws on the shared picture only if it needs it
-                out.write(insp, picture)
+                if out in broken and broken[out]["failed"] >= OUTPUT_GIVE_UP:
+                    continue
+                try:
+                    out.write(insp, picture)
+                except OSError as exc:  # a side output failed (full disk, bad target): say so once, count, go on
+                    entry = broken.setdefault(out, {"output": type(out).__name__, "failed": 0, "error": mask_secrets(str(exc))})
+                    entry["failed"] += 1
+                    if entry["failed"] == 1:
+                        writer.write({"event": "output_failed", "frame": insp.frame.index, **entry})
             t5 = time.perf_counter()
             insp.latency_ms["output"] = (t5 - t4) * 1e3
             insp.latency_ms["end_to_end"] = (t5 - insp.arrival) * 1e3
@@ -125,9 +139,19 @@ def run_stream(engine_factory: Callable[[], Any], source: Source, opts: RunOptio
     wall = time.perf_counter() - t_start
     summary = summarize(counters, wall)
     summary["source"] = source.describe()
+    summary["output_failures"] = list(broken.values())
+    summary["records_lost"] = writer.lost
+    if writer.error:
+        summary["records_error"] = writer.error
+    summary["anomaly_files_rotated"] = sum(getattr(o, "rotated", 0) for o in outputs)
     if inspector.error is not None:
         summary["error"] = mask_secrets(str(inspector.error))
-    atomic_write_json(opts.out_dir / "summary.json", summary)
+    try:
+        atomic_write_json(opts.out_dir / "summary.json", summary)
+    except OSError as exc:
+        if inspector.error is None:
+            raise StfpmError(f"{opts.out_dir / 'summary.json'}: cannot be written ({exc.strerror or exc}); "
+                             f"{summary['frames_inspected']} frames inspected, {writer.lost} JSONL records lost") from None
     if inspector.error is not None:
         raise inspector.error
     return summary
