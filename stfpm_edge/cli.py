@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 from pathlib import Path
 from typing import List, Optional
@@ -33,6 +34,13 @@ def command(*args, **kwargs):
             except KeyboardInterrupt:
                 typer.secho("interrupted", err=True)
                 raise typer.Exit(130) from None
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+                    raise
+                where = f" writing {exc.filename}" if exc.filename else ""
+                typer.secho(f"error: {exc.strerror}{where}; nothing half-written was left behind (writes are atomic). "
+                            "Free space or choose another --out", fg=typer.colors.RED, err=True)
+                raise typer.Exit(2) from None
 
         return app.command(*args, **kwargs)(run)
 

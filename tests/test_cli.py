@@ -194,3 +194,19 @@ def test_a_run_folder_belongs_to_one_run(exported, tmp_path):
     assert runner.invoke(app, ["run", str(onnx_path), "--source", str(video), "--out", str(stale)]).exit_code == 0
     (tmp_path / "afile").write_text("x")
     assert "names a file" in runner.invoke(app, ["run", str(onnx_path), "--source", str(video), "--out", str(tmp_path / "afile")]).output
+
+
+def test_full_disk_in_train_is_one_line(synthetic_mvtec, tmp_path, monkeypatch):
+    import errno
+
+    import stfpm_edge.fileio as fileio
+
+    def no_space(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(fileio, "atomic_write_bytes", no_space)
+    import stfpm_edge.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", no_space)
+    result = runner.invoke(app, ["train", "--data", str(synthetic_mvtec), "--out", str(tmp_path / "o"), "--size", "64", "--epochs", "1"])
+    assert result.exit_code == 2 and "No space left on device" in result.output and "Traceback" not in result.output
