@@ -136,10 +136,11 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     for sig in (signal.SIGINT, signal.SIGKILL):
         folder = out / f"train-{sig.name}"
-        code, t = signal_at_random(CLI + ["train", "--data", str(data), "--out", str(folder), "--size", "64", "--epochs", "30", "--batch-size", "8"],
-                                   sig, 3.0, 10.0, rng)
+        code, t = signal_at_random(CLI + ["train", "--data", str(data), "--out", str(folder), "--size", "64", "--epochs", "2000", "--batch-size", "8"],
+                                   sig, 4.0, 10.0, rng)
         record(f"train, {sig.name}", code, t, folder, frames=False)
-        resumed = subprocess.run(CLI + ["train", "--data", str(data), "--out", str(folder), "--epochs", "30", "--resume"], capture_output=True, text=True)
+        # resume, finishing soon: epochs may change on --resume, everything else is the run's own
+        resumed = subprocess.run(CLI + ["train", "--data", str(data), "--out", str(folder), "--epochs", "40", "--resume"], capture_output=True, text=True)
         record(f"train, {sig.name}, then --resume", resumed.returncode, None, folder, frames=False)
 
     # two runs aimed at one folder, started together
