@@ -26,13 +26,13 @@ class TrainConfig:
     lr: float = 0.4
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    val_fraction: float = 0.2
-    calib_fraction: float = 0.0  # > 0: a separate split of good images sets the threshold (not the checkpoint)
+    val_fraction: float = 0.1  # selects the checkpoint (lowest loss)
+    calib_fraction: float = 0.1  # sets the threshold; 0 = the validation split does both (biased low)
     select: str = "best"  # best (lowest validation loss) or last epoch
     seed: int = 0
-    augment: str = "none"  # none, flip, rot90 (flips and quarter turns), rotate (any angle, small shifts)
+    augment: str = "rotate"  # none, flip, rot90 (flips and quarter turns), rotate (any angle, small shifts)
     amp: str = "off"  # off, bf16 (CPU autocast), fp16 (CUDA autocast), auto (bf16/fp16 where the device has it)
-    blur_sigma: float = 0.0  # Gaussian smoothing of the anomaly map, model-input pixels
+    blur_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, model-input pixels (0 = the paper's raw map)
     topk_fraction: float = 0.0  # image score = mean of this fraction of the top map pixels; 0 = max
     cache_teacher: bool = True
     threshold_quantile: float = 0.99

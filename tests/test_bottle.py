@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from tests.conftest import bottle_or_skip
 
 
+@pytest.mark.slow
 def test_train_and_eval_on_real_bottle(tmp_path):
     from typer.testing import CliRunner
 

@@ -54,6 +54,10 @@ def test_calibration_uses_the_models_own_split_and_writes_nothing_beside_the_cal
     real = int8.load_images
     monkeypatch.setattr(int8, "load_images", lambda samples, *a, **k: (picked.extend(samples), real(samples, *a, **k))[1])
     int8.calibrate_int8(path, tmp_path / "cpu.onnx", synthetic_mvtec, n_images=100, target="cpu", progress=False)
-    train, val, calib = heldout_splits(discover(synthetic_mvtec).train, 0.2, 0.0, 0)
+    import json
+
+    cfg = json.loads(path.with_name(path.name + ".json").read_text())["config"]
+    train, val, calib = heldout_splits(discover(synthetic_mvtec).train, cfg["val_fraction"], cfg["calib_fraction"], cfg["seed"])
+    assert calib  # the default holds out a calibration split too
     assert {s.path for s in picked} == {s.path for s in train}  # never the held-out images
     assert list(work.iterdir()) == []
