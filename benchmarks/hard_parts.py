@@ -118,11 +118,36 @@ def post_variant(data: Path, out_root: Path, name: str) -> dict:
     return record
 
 
+def remeasure_latency(out_root: Path) -> None:
+    """Inference ms of every row measured again back to back (training runs in parallel skew the first figures)."""
+    from stfpm_edge.checkpoint import load_checkpoint
+    from stfpm_edge.model import MapPost
+
+    for f in sorted(out_root.glob("*/metrics.json")) + sorted(out_root.glob("*.json")):
+        r = json.loads(f.read_text())
+        if not r.get("model"):
+            continue
+        model, meta = load_checkpoint(Path(r["model"]))
+        if f.name != "metrics.json":
+            kw: dict = {}
+            for p in f.stem.split("+")[1:]:
+                kw.update(POSTS[p])
+            model.set_post(MapPost(**kw))
+        r["infer_ms"] = infer_ms(model, meta["geometry"]["height"], meta["geometry"]["width"], repeats=20)
+        f.write_text(json.dumps(r, indent=2))
+
+
 def table(out_root: Path) -> str:
     rows = []
     for f in sorted(out_root.glob("*/metrics.json")) + sorted(out_root.glob("*.json")):
         r = json.loads(f.read_text())
         name = f.parent.name if f.name == "metrics.json" else f.stem
+        if r.get("false_alarm_rate") is None and (f.parent / "scores.csv").is_file() and f.name == "metrics.json":
+            # runs from before the metric existed: test good images above the threshold, from scores.csv
+            import csv
+
+            good = [row for row in csv.DictReader((f.parent / "scores.csv").open()) if row["label"] == "0"]
+            r["false_alarm_rate"] = sum(row["verdict"] == "anomalous" for row in good) / len(good) if good else None
         rows.append((name, r))
     fmt = lambda v, d=3: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
     lines = ["| run | image AUROC | pixel AUROC | pixel F1 | AUPRO@0.3 | image F1 @ thr | false alarms (test good) | s / epoch | infer ms |",
@@ -141,8 +166,11 @@ def main() -> None:
                     f"post-processing on a trained one: NAME+{'+'.join(POSTS)}")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--table", type=Path, help="print the table of the finished rows in this folder and exit")
+    ap.add_argument("--remeasure-latency", action="store_true", help="with --table: measure every row's inference ms again, one after another in this process")
     args = ap.parse_args()
     if args.table:
+        if args.remeasure_latency:
+            remeasure_latency(args.table)
         print(table(args.table), end="")
         return
     if args.threads:
