@@ -13,7 +13,7 @@ import stfpm_edge
 
 PKG = Path(stfpm_edge.__file__).parent
 RUN_SIDE = ("geometry", "scoring", "timing", "fileio", "errors", "onnxmeta", "render", "engines", "stream")
-TRAINING_SIDE = ("datasets", "train", "evaluate", "metrics", "thresholds", "report", "bench", "demo", "synthetic",
+TRAINING_SIDE = ("datasets", "store", "train", "evaluate", "metrics", "thresholds", "report", "bench", "demo", "synthetic",
                  "config", "calib", "export", "cli")
 MODEL = ("model", "backbones", "checkpoint")
 
