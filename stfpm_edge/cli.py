@@ -286,65 +286,27 @@ def run(
     build_if_stale: bool = typer.Option(False, "--build-if-stale", help="TensorRT: rebuild an engine whose sidecar no longer matches"),
     zero_copy: bool = typer.Option(False, "--zero-copy", help="TensorRT on Jetson (integrated GPU): mapped host memory instead of copies"),
 ):
-    import signal
-    import threading
+    from .stream.linescan import LineScanOptions
+    from .stream.pipeline import RunOptions
+    from .stream.session import Session, run_session
 
-    from .engines import engine_options, open_engine
-    from .stream.outputs import RunFolder, check_video_path
-    from .stream.sources import open_source
-
-    options = {"threads": threads, "build_if_stale": build_if_stale, "zero_copy": zero_copy}
-    engine_options(model, **options)  # a missing file or an option the backend does not take: before the source opens
-    if out is None:
-        from datetime import datetime
-
-        out = Path("runs") / f"inspect-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
-    if save_video is not None:
-        check_video_path(save_video)
-    src = open_source(source)
-    try:
-        folder = RunFolder(out).__enter__()  # refuses a folder with another run's results, locks it for this run
-    except BaseException:
-        src.close()
-        raise
-    stop = threading.Event()
-    interrupted = threading.Event()
-
-    def on_signal(*_):
-        interrupted.set()
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        if line_scan:
-            from .stream.linescan import LineScanOptions, run_linescan
-
-            summary = run_linescan(lambda: open_engine(model, **options), src, LineScanOptions(out, scale=scale, overlap=overlap, mm_per_row=mm_per_row), stop)
-            typer.echo(f"rows {summary['rows_received']} | tiles {summary['tiles_inspected']} | rows uninspected {summary['rows_uninspected']} | "
-                       f"{summary['rows_per_s']:.0f} rows/s | defects {len(summary['defects'])}")
-            for d in summary["defects"]:
-                typer.echo(f"  defect at row {d['row']}, column {d['col']}" + (f" ({d['position_mm']:.1f} mm)" if "position_mm" in d else "") + f", score {d['score']:.4g}")
-        else:
-            from .stream.pipeline import RunOptions, run_stream
-
-            opts = RunOptions(out, roi=_roi(roi), save_video=save_video, save_anomalies=save_anomalies, show=show, max_frames=max_frames)
-            summary = run_stream(lambda: open_engine(model, **options), src, opts, stop, progress=True)
-            lat = summary["latency_ms"]
-            typer.echo(f"frames read {summary['frames_read']} | inspected {summary['frames_inspected']} | dropped {summary['frames_dropped']} | "
-                       f"failed {summary['frames_failed']} | anomalous {summary['frames_anomalous']} | {summary['fps']:.1f} FPS")
-            for stage in ("preprocess", "inference", "output", "end_to_end"):
-                if stage in lat:
-                    typer.echo(f"  {stage:>11}: p50 {lat[stage]['p50']:.1f} ms, p99 {lat[stage]['p99']:.1f} ms")
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        folder.__exit__()
+    session = Session(model, source, out, {"threads": threads, "build_if_stale": build_if_stale, "zero_copy": zero_copy},
+                      LineScanOptions(Path(), scale=scale, overlap=overlap, mm_per_row=mm_per_row) if line_scan else None,
+                      RunOptions(Path(), roi=_roi(roi), save_video=save_video, save_anomalies=save_anomalies, show=show, max_frames=max_frames))
+    out, summary = run_session(session)
+    if line_scan:
+        typer.echo(f"rows {summary['rows_received']} | tiles {summary['tiles_inspected']} | rows uninspected {summary['rows_uninspected']} | "
+                   f"{summary['rows_per_s']:.0f} rows/s | defects {len(summary['defects'])}")
+        for d in summary["defects"]:
+            typer.echo(f"  defect at row {d['row']}, column {d['col']}" + (f" ({d['position_mm']:.1f} mm)" if "position_mm" in d else "") + f", score {d['score']:.4g}")
+    else:
+        lat = summary["latency_ms"]
+        typer.echo(f"frames read {summary['frames_read']} | inspected {summary['frames_inspected']} | dropped {summary['frames_dropped']} | "
+                   f"failed {summary['frames_failed']} | anomalous {summary['frames_anomalous']} | {summary['fps']:.1f} FPS")
+        for stage in ("preprocess", "inference", "output", "end_to_end"):
+            if stage in lat:
+                typer.echo(f"  {stage:>11}: p50 {lat[stage]['p50']:.1f} ms, p99 {lat[stage]['p99']:.1f} ms")
     typer.echo(f"results: {out}")
-    inspected = summary.get("tiles_inspected", summary.get("frames_inspected", 0))
-    if not inspected and not interrupted.is_set():  # a supervisor (systemd, a PLC watchdog) must notice
-        read = summary.get("chunks_read", summary.get("frames_read", 0))
-        raise StfpmError(f"nothing was inspected: {read} frame(s) read, {summary.get('frames_failed', summary.get('chunks_failed', 0))} failed "
-                         f"(see {out / 'summary.json'}; a --roi outside the frame or a source that never delivered?)")
 
 
 @command(help="The whole job on GENERATED data: train briefly, export, run a video and a line-scan web, write a report.")

@@ -168,6 +168,73 @@ class HeatStrip:
         return True
 
 
+class WebInspection:
+    """Inspects the tiles of one web with one engine; keeps coverage, detections and the heat strip."""
+
+    def __init__(self, engine, opts: LineScanOptions, writer: JsonlWriter, counters: Counters):
+        self.engine, self.opts, self.writer, self.counters = engine, opts, writer, counters
+        geo = engine.geometry
+        self.tile_h, self.tile_w = round(geo.height * opts.scale), round(geo.width * opts.scale)
+        self.tiler = Tiler(self.tile_h, self.tile_w, opts.overlap)
+        self.strip = HeatStrip(opts.strip_downsample, opts.max_strip_rows)
+        self.coverage = np.zeros(0, np.int32)
+        self.detections: list[dict] = []
+        self.n_tiles = 0
+        self.finishing = False
+        # with overlap o, every web position lies at least o * tile / 4 inside some tile
+        self.margin = int(min(self.tile_h, self.tile_w) * opts.overlap / 4)
+
+    def rows(self, frame) -> None:
+        """A block of rows arrived: cut and inspect the tiles it completes; another width is a failed block."""
+        try:
+            tiles = self.tiler.push(frame.image)
+        except ValueError as exc:  # rows of another width: not part of this web
+            self.counters.failed += 1
+            self.writer.write({"event": "failed_rows", "frame": frame.index, "error": str(exc)})
+            return
+        self.strip.add_rows(frame.image, self.tiler.total - len(frame.image))
+        self.inspect(tiles)
+
+    def finish(self) -> None:
+        self.finishing = True
+        self.inspect(self.tiler.finish())
+
+    def inspect(self, tiles) -> None:
+        geo, thr, tiler = self.engine.geometry, self.engine.threshold, self.tiler
+        for y0, x0, tile in tiles:
+            t0 = time.perf_counter()
+            fitted, _ = geo.fit_image(tile)
+            maps, scores = self.engine.infer(fitted)
+            t1 = time.perf_counter()
+            score = float(scores[0])
+            th, tw = tile.shape[:2]
+            tmap = geo.unfit_map(maps[0], th, tw)
+            if len(self.coverage) < y0 + th:
+                self.coverage = np.concatenate([self.coverage, np.zeros(y0 + th - len(self.coverage), np.int32)])
+            self.coverage[y0 : y0 + th] += 1
+            self.strip.add_tile(tmap, y0, x0, tiler.width)
+            record = {"tile": self.n_tiles, "row0": y0, "col0": x0, "rows": th, "cols": tw, "score": score,
+                      "normalized_score": float(normalized_score(score, thr)), "verdict": verdict(score, thr),
+                      "latency_ms": {"inference": round((t1 - t0) * 1e3, 3)}}
+            if is_anomalous(score, thr):
+                inner = (y0 > 0, y0 + th < tiler.total or not self.finishing, x0 > 0, x0 + tw < tiler.width)
+                found = tile_detections(tmap, thr, self.margin, inner)
+                for r, c, peak in found:
+                    det = {"row": int(y0 + r), "col": int(x0 + c), "score": peak, "tile": self.n_tiles}
+                    if self.opts.mm_per_row:
+                        det["position_mm"] = det["row"] * self.opts.mm_per_row
+                    self.detections.append(det)
+                record["peaks"] = [{"row": int(y0 + r), "col": int(x0 + c), "score": p} for r, c, p in found]
+            self.writer.write(record)
+            self.counters.add_latency({"inference": (t1 - t0) * 1e3})
+            self.counters.inspected += 1
+            self.n_tiles += 1
+
+    def uninspected_rows(self) -> int:
+        total = self.tiler.total
+        return int((self.coverage[:total] == 0).sum()) + max(0, total - len(self.coverage))
+
+
 def run_linescan(engine_factory: Callable[[], Any], source: Source, opts: LineScanOptions, stop=None) -> dict[str, Any]:
     """Inspect a web row block by row block until the source ends or ``stop`` is set; returns the summary."""
     import threading
@@ -176,53 +243,12 @@ def run_linescan(engine_factory: Callable[[], Any], source: Source, opts: LineSc
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     counters = Counters()
     slot = BlockingQueue()  # a web is never dropped: every row must be inspected
-    events: list = []
     writer = JsonlWriter(opts.out_dir / "tiles.jsonl")
-    detections: list[dict] = []
     error: BaseException | None = None
     t_start = time.perf_counter()
     with engine_factory() as engine:
-        geo, thr = engine.geometry, engine.threshold
-        tile_h, tile_w = round(geo.height * opts.scale), round(geo.width * opts.scale)
-        tiler = Tiler(tile_h, tile_w, opts.overlap)
-        strip = HeatStrip(opts.strip_downsample, opts.max_strip_rows)
-        coverage = np.zeros(0, np.int32)
-        n_tiles = 0
-        finishing = False
-        # with overlap o, every web position lies at least o * tile / 4 inside some tile
-        margin = int(min(tile_h, tile_w) * opts.overlap / 4)
-
-        def inspect(tiles) -> None:
-            nonlocal coverage, n_tiles
-            for y0, x0, tile in tiles:
-                t0 = time.perf_counter()
-                fitted, _ = geo.fit_image(tile)
-                maps, scores = engine.infer(fitted)
-                t1 = time.perf_counter()
-                score = float(scores[0])
-                th, tw = tile.shape[:2]
-                tmap = geo.unfit_map(maps[0], th, tw)
-                if len(coverage) < y0 + th:
-                    coverage = np.concatenate([coverage, np.zeros(y0 + th - len(coverage), np.int32)])
-                coverage[y0 : y0 + th] += 1
-                strip.add_tile(tmap, y0, x0, tiler.width)
-                record = {"tile": n_tiles, "row0": y0, "col0": x0, "rows": th, "cols": tw, "score": score,
-                          "normalized_score": float(normalized_score(score, thr)), "verdict": verdict(score, thr),
-                          "latency_ms": {"inference": round((t1 - t0) * 1e3, 3)}}
-                if is_anomalous(score, thr):
-                    found = tile_detections(tmap, thr, margin, (y0 > 0, y0 + th < tiler.total or not finishing, x0 > 0, x0 + tw < tiler.width))
-                    for r, c, peak in found:
-                        det = {"row": int(y0 + r), "col": int(x0 + c), "score": peak, "tile": n_tiles}
-                        if opts.mm_per_row:
-                            det["position_mm"] = det["row"] * opts.mm_per_row
-                        detections.append(det)
-                    record["peaks"] = [{"row": int(y0 + r), "col": int(x0 + c), "score": p} for r, c, p in found]
-                writer.write(record)
-                counters.add_latency({"inference": (t1 - t0) * 1e3})
-                counters.inspected += 1
-                n_tiles += 1
-
-        cap = Capture(source, slot, counters, stop, events, opts.reconnect).start()
+        web = WebInspection(engine, opts, writer, counters)
+        cap = Capture(source, slot, counters, stop, [], opts.reconnect).start()
         try:
             while True:
                 item = slot.get()
@@ -233,35 +259,26 @@ def run_linescan(engine_factory: Callable[[], Any], source: Source, opts: LineSc
                     counters.failed += 1
                     writer.write({"event": "failed_rows", "frame": frame.index, "error": frame.error})
                     continue
-                try:
-                    tiles = tiler.push(frame.image)
-                except ValueError as exc:  # rows of another width: not part of this web
-                    counters.failed += 1
-                    writer.write({"event": "failed_rows", "frame": frame.index, "error": str(exc)})
-                    continue
-                strip.add_rows(frame.image, tiler.total - len(frame.image))
-                inspect(tiles)
-            finishing = True
-            inspect(tiler.finish())
+                web.rows(frame)
+            web.finish()
         except BaseException as exc:  # end promptly, with a summary that says why
             error = exc
         finally:
             cap.stop_and_join()
             source.close()
-    defects = merge_detections(detections, tile_h / 4, tile_w / 4)
+    defects = merge_detections(web.detections, web.tile_h / 4, web.tile_w / 4)
     for d in defects:
         writer.write({"event": "defect", **d})
     writer.close()
     wall = time.perf_counter() - t_start
-    uninspected = int((coverage[: tiler.total] == 0).sum()) + max(0, tiler.total - len(coverage))
     summary = {
-        "rows_received": tiler.total, "web_width": tiler.width, "tile": [tile_h, tile_w], "overlap": opts.overlap,
-        "tiles_inspected": n_tiles, "rows_uninspected": uninspected, "chunks_read": counters.read, "chunks_failed": counters.failed,
-        "defects": defects, "wall_s": wall, "rows_per_s": tiler.total / wall if wall > 0 else 0.0,
-        "tile_latency_ms": percentiles(counters.latency["inference"]) if n_tiles else None,
+        "rows_received": web.tiler.total, "web_width": web.tiler.width, "tile": [web.tile_h, web.tile_w], "overlap": opts.overlap,
+        "tiles_inspected": web.n_tiles, "rows_uninspected": web.uninspected_rows(), "chunks_read": counters.read, "chunks_failed": counters.failed,
+        "defects": defects, "wall_s": wall, "rows_per_s": web.tiler.total / wall if wall > 0 else 0.0,
+        "tile_latency_ms": percentiles(counters.latency["inference"]) if web.n_tiles else None,
         "source": source.describe(),
     }
-    if error is None and strip.save(opts.out_dir / "heat_strip.png", thr, defects, tile_w):
+    if error is None and web.strip.save(opts.out_dir / "heat_strip.png", engine.threshold, defects, web.tile_w):
         summary["heat_strip"] = str(opts.out_dir / "heat_strip.png")
     if error is not None:
         summary["error"] = mask_secrets(f"{type(error).__name__}: {error}")

@@ -55,7 +55,50 @@ class RunOptions:
         return outs
 
 
-OUTPUT_GIVE_UP = 100  # consecutive-or-not failures after which an output is no longer tried
+OUTPUT_GIVE_UP = 100  # failures after which an output is no longer tried
+
+
+class OutputStage:
+    """The output side of the loop: one JSONL record per frame, then every picture output.
+
+    A side output that fails (full disk, bad target) is reported once in the JSONL, counted, and
+    left out after ``OUTPUT_GIVE_UP`` failures; inspection and the records go on.
+    """
+
+    def __init__(self, writer: JsonlWriter, outputs: list[Output], counters: Counters, events: list, inspector: Inspector, roi):
+        self.writer, self.outputs, self.counters, self.events, self.inspector, self.roi = writer, outputs, counters, events, inspector, roi
+        self.broken: dict = {}
+
+    def handle(self, insp) -> None:
+        while self.events:
+            self.writer.write(self.events.pop(0))
+        if insp.result is None:
+            self.counters.failed += 1
+            self.writer.write(frame_record(insp))
+            return
+        t4 = time.perf_counter()
+        picture = Picture(insp, self.inspector.geometry, self.inspector.threshold, self.roi)
+        for out in self.outputs:  # each draws on the shared picture only if it needs it
+            self._write(out, insp, picture)
+        t5 = time.perf_counter()
+        insp.latency_ms["output"] = (t5 - t4) * 1e3
+        insp.latency_ms["end_to_end"] = (t5 - insp.arrival) * 1e3
+        self.counters.inspected += 1
+        self.counters.anomalous += insp.result.verdict == ANOMALOUS
+        self.counters.add_latency(insp.latency_ms)
+        self.writer.write(frame_record(insp))
+
+    def _write(self, out: Output, insp, picture) -> None:
+        entry = self.broken.get(out)
+        if entry is not None and entry["failed"] >= OUTPUT_GIVE_UP:
+            return
+        try:
+            out.write(insp, picture)
+        except OSError as exc:
+            entry = self.broken.setdefault(out, {"output": type(out).__name__, "failed": 0, "error": mask_secrets(str(exc))})
+            entry["failed"] += 1
+            if entry["failed"] == 1:
+                self.writer.write({"event": "output_failed", "frame": insp.frame.index, **entry})
 
 
 def run_stream(engine_factory: Callable[[], Any], source: Source, opts: RunOptions, stop: threading.Event | None = None, progress: bool = False) -> dict[str, Any]:
@@ -77,9 +120,8 @@ def run_stream(engine_factory: Callable[[], Any], source: Source, opts: RunOptio
     t_start = time.perf_counter()
     capture.start()
 
-    writer = JsonlWriter(opts.out_dir / "frames.jsonl")
-    outputs = opts.outputs(stop)
-    broken: dict = {}
+    stage = OutputStage(JsonlWriter(opts.out_dir / "frames.jsonl"), opts.outputs(stop), counters, events, inspector, opts.roi)
+    writer, outputs = stage.writer, stage.outputs
     bar = None
     if progress:
         from tqdm import tqdm
@@ -90,32 +132,8 @@ def run_stream(engine_factory: Callable[[], Any], source: Source, opts: RunOptio
             insp = inspector.results.get()
             if insp is END:
                 break
-            while events:
-                writer.write(events.pop(0))
-            if insp.result is None:
-                counters.failed += 1
-                writer.write(frame_record(insp))
-                continue
-            t4 = time.perf_counter()
-            picture = Picture(insp, inspector.geometry, inspector.threshold, opts.roi)
-            for out in outputs:  # each draws on the shared picture only if it needs it
-                if out in broken and broken[out]["failed"] >= OUTPUT_GIVE_UP:
-                    continue
-                try:
-                    out.write(insp, picture)
-                except OSError as exc:  # a side output failed (full disk, bad target): say so once, count, go on
-                    entry = broken.setdefault(out, {"output": type(out).__name__, "failed": 0, "error": mask_secrets(str(exc))})
-                    entry["failed"] += 1
-                    if entry["failed"] == 1:
-                        writer.write({"event": "output_failed", "frame": insp.frame.index, **entry})
-            t5 = time.perf_counter()
-            insp.latency_ms["output"] = (t5 - t4) * 1e3
-            insp.latency_ms["end_to_end"] = (t5 - insp.arrival) * 1e3
-            counters.inspected += 1
-            counters.anomalous += insp.result.verdict == ANOMALOUS
-            counters.add_latency(insp.latency_ms)
-            writer.write(frame_record(insp))
-            if bar is not None:
+            stage.handle(insp)
+            if bar is not None and insp.result is not None:
                 bar.update(1)
     finally:
         stop.set()
@@ -139,7 +157,7 @@ def run_stream(engine_factory: Callable[[], Any], source: Source, opts: RunOptio
     wall = time.perf_counter() - t_start
     summary = summarize(counters, wall)
     summary["source"] = source.describe()
-    summary["output_failures"] = list(broken.values())
+    summary["output_failures"] = list(stage.broken.values())
     summary["records_lost"] = writer.lost
     if writer.error:
         summary["records_error"] = writer.error

@@ -1,0 +1,75 @@
+"""One `stfpm-edge run`, start to end: check the model and its options, claim the run folder, open
+the source, route SIGINT/SIGTERM to a clean stop, run area-scan or line-scan, and refuse to call a
+run that inspected nothing a success (a supervisor must notice)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ..engines import engine_options, open_engine
+from ..errors import StfpmError
+from .linescan import LineScanOptions, run_linescan
+from .outputs import RunFolder, check_video_path
+from .pipeline import RunOptions, run_stream
+from .sources import open_source
+
+
+@dataclass
+class Session:
+    model: Path
+    source: str
+    out: Path | None = None
+    engine: dict[str, Any] = field(default_factory=dict)  # backend options: threads, build_if_stale, zero_copy
+    line_scan: LineScanOptions | None = None  # set: the source is a web arriving row block by row block
+    area: RunOptions | None = None  # area-scan options (out_dir is filled in)
+
+
+def default_out() -> Path:
+    return Path("runs") / f"inspect-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
+
+
+def run_session(s: Session, progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Run it; returns (run folder, summary). Raises ``StfpmError`` when nothing was inspected."""
+    engine_options(s.model, **s.engine)  # a missing file or an option the backend does not take: before the source opens
+    out = Path(s.out) if s.out else default_out()
+    area = s.area or RunOptions(out)
+    area.out_dir = out
+    if area.save_video is not None:
+        check_video_path(area.save_video)
+    src = open_source(s.source)
+    try:
+        folder = RunFolder(out).__enter__()  # refuses a folder with another run's results, locks it for this run
+    except BaseException:
+        src.close()
+        raise
+    stop, interrupted = threading.Event(), threading.Event()
+
+    def on_signal(*_):
+        interrupted.set()
+        stop.set()
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    factory = lambda: open_engine(s.model, **s.engine)  # noqa: E731  (opened inside the inference thread)
+    try:
+        if s.line_scan is not None:
+            s.line_scan.out_dir = out
+            summary = run_linescan(factory, src, s.line_scan, stop)
+        else:
+            summary = run_stream(factory, src, area, stop, progress=progress)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        folder.__exit__()
+    inspected = summary.get("tiles_inspected", summary.get("frames_inspected", 0))
+    if not inspected and not interrupted.is_set():
+        read = summary.get("chunks_read", summary.get("frames_read", 0))
+        failed = summary.get("frames_failed", summary.get("chunks_failed", 0))
+        raise StfpmError(f"nothing was inspected: {read} frame(s) read, {failed} failed "
+                         f"(see {out / 'summary.json'}; a --roi outside the frame or a source that never delivered?)")
+    return out, summary
