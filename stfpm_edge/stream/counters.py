@@ -13,7 +13,7 @@ from typing import Any
 from ..timing import percentiles
 
 STAGES = ("wait", "preprocess", "inference", "postprocess", "output", "end_to_end")
-LATENCY_WINDOW = 100_000  # frames per stage: about an hour at 30 FPS, 800 kB per stage
+LATENCY_WINDOW = 10_000  # frames per stage (about 5.5 minutes at 30 FPS): percentiles describe recent behaviour
 
 
 def _window() -> dict[str, deque]:
