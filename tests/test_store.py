@@ -38,3 +38,16 @@ def test_images_are_fitted_and_a_bad_file_names_itself(tmp_path):
         assert imgs.shape == (2, 32, 32, 3) and int(imgs[1].max()) == 7
         with pytest.raises(DataError, match="b.png"):
             store.images("broken", [good, bad], geo)
+
+
+def test_atomic_writes_clean_up_after_a_killed_writer(tmp_path):
+    """A temporary file left by a process that died (kill -9 mid-write) goes at the next write."""
+    from stfpm_edge.fileio import atomic_write_text
+
+    target = tmp_path / "roc.png"
+    orphan = tmp_path / ".roc.png.999999999.abc123.tmp"  # PID 999999999 does not exist
+    orphan.write_bytes(b"")
+    mine = tmp_path / f".roc.png.{__import__('os').getpid()}.live.tmp"  # a live writer's file stays
+    mine.write_bytes(b"")
+    atomic_write_text(target, "x")
+    assert target.read_text() == "x" and not orphan.exists() and mine.exists()

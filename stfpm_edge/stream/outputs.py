@@ -16,7 +16,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, pid_alive
 from ..render import annotate, heat_overlay
 from ..scoring import ANOMALOUS, normalized_score
 from .inspection import Inspection, crop
@@ -47,7 +47,7 @@ class RunFolder:
                 fd = os.open(self.lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 owner = _read_pid(self.lock)
-                if owner is not None and _alive(owner):
+                if owner is not None and pid_alive(owner):
                     raise StfpmError(f"{self.path}: another run (PID {owner}) is writing here; give this run its own --out") from None
                 self.lock.unlink(missing_ok=True)  # stale: its process is gone
                 continue
@@ -73,16 +73,6 @@ def _read_pid(path: Path) -> int | None:
         return int(path.read_text().strip() or 0) or None
     except (OSError, ValueError):
         return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class JsonlWriter:
