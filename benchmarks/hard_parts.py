@@ -2,6 +2,8 @@
 
     python benchmarks/hard_parts.py --data ../shared/data/mvtec/screw --out /tmp/hard --variant base-e30 --variant rotate-e60
     python benchmarks/hard_parts.py --table /tmp/hard          # the Markdown table of every finished row
+    python benchmarks/hard_parts.py --table /tmp/hard --remeasure-latency   # inference ms again, back to back
+    python benchmarks/hard_parts.py --costs --threads 2        # step and inference cost of teachers and sizes
 
 Each training variant is ``stfpm-edge train`` with a few options changed (see VARIANTS); a run
 folder that already holds ``metrics.json`` is reused, so the script can be stopped and restarted.
@@ -118,6 +120,44 @@ def post_variant(data: Path, out_root: Path, name: str) -> dict:
     return record
 
 
+def lever_costs(backbones=("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"), sizes=(256, 384, 512),
+                batch: int = 8, repeats: int = 5) -> list[dict]:
+    """Training-step and inference cost of teacher and input-size levers, measured interleaved in one process.
+
+    Random weights cost what trained ones do. Step: student forward + backward + SGD on ``batch``
+    images with the teacher computed (as with augmentation). Inference: the fused model, batch 1.
+    """
+    import torch
+
+    from stfpm_edge.model import STFPM, stfpm_loss
+
+    combos = [(b, 256) for b in backbones] + [(backbones[0], s) for s in sizes if s != 256]
+    models = {c: STFPM.build(c[0], pretrained=False) for c in combos}
+    times: dict = {c: {"step": [], "infer": []} for c in combos}
+    for _ in range(repeats):
+        for c, m in models.items():
+            size = c[1]
+            x = m.normalize(torch.randint(0, 255, (batch, size, size, 3), dtype=torch.uint8))
+            opt = torch.optim.SGD(m.student.parameters(), lr=0.01)
+            m.train()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                t = m.teacher(x)
+            loss = stfpm_loss(t, m.student(x))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            times[c]["step"].append(time.perf_counter() - t0)
+            times[c]["infer"].append(infer_ms(m, size, size, repeats=3))
+    base = times[combos[0]]
+    rows = []
+    for c in combos:
+        step, inf = float(np.median(times[c]["step"])), float(np.median(times[c]["infer"]))
+        rows.append({"backbone": c[0], "size": c[1], "step_s_per_image": step / batch, "infer_ms": inf,
+                     "step_vs_lite0_256": step / float(np.median(base["step"])), "infer_vs_lite0_256": inf / float(np.median(base["infer"]))})
+    return rows
+
+
 def remeasure_latency(out_root: Path) -> None:
     """Inference ms of every row measured again back to back (training runs in parallel skew the first figures)."""
     from stfpm_edge.checkpoint import load_checkpoint
@@ -166,17 +206,23 @@ def main() -> None:
                     f"post-processing on a trained one: NAME+{'+'.join(POSTS)}")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--table", type=Path, help="print the table of the finished rows in this folder and exit")
+    ap.add_argument("--costs", action="store_true", help="print the step and inference cost of teachers and input sizes and exit")
     ap.add_argument("--remeasure-latency", action="store_true", help="with --table: measure every row's inference ms again, one after another in this process")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.costs:
+        print("| teacher | input | train step s / image | x lite0 256 | inference ms (batch 1) | x lite0 256 |\n|---|---|---|---|---|---|")
+        for r in lever_costs():
+            print(f"| {r['backbone']} | {r['size']} | {r['step_s_per_image']:.3f} | {r['step_vs_lite0_256']:.2f} | {r['infer_ms']:.1f} | {r['infer_vs_lite0_256']:.2f} |")
+        return
     if args.table:
         if args.remeasure_latency:
             remeasure_latency(args.table)
         print(table(args.table), end="")
         return
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     for data in args.data:
         for name in args.variant:
             t0 = time.time()
