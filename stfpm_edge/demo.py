@@ -47,13 +47,18 @@ def make_web(rows: int, width: int, defect_rows: list[int], seed: int) -> np.nda
 def run_demo(out: Path, epochs: int = 40, size: int = 128, n_frames: int = 300, web_rows: int = 3200, seed: int = 0) -> dict[str, Any]:
     from .config import load_config
     from .engines import open_engine
+    from .errors import StfpmError
     from .export.onnx_export import export_verified
+    from .geometry import Geometry
     from .stream.linescan import LineScanOptions, run_linescan
     from .stream.pipeline import RunOptions, run_stream
     from .stream.sources import IterSource, open_source
     from .train import train
 
     out = Path(out)
+    Geometry(size, size)  # a bad --size is an error before anything is generated
+    if epochs < 1 or n_frames < 1 or web_rows < 2 * size:
+        raise StfpmError(f"demo: --epochs and --frames must be at least 1 and --web-rows at least {2 * size} (two tiles)")
     print("stfpm-edge demo: the data below is GENERATED (procedural textures with planted defects), not real parts.")
     # images at twice the model size: the model sees them downscaled by 2, and so do the video
     # frames and the line-scan tiles (--scale 2), so all three share one pixel scale

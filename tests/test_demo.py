@@ -21,3 +21,13 @@ def test_demo_end_to_end_reduced(tmp_path):
     assert stream["frames_read"] == 30 == stream["frames_inspected"] + stream["frames_failed"]
     ls = json.loads((out / "linescan" / "summary.json").read_text())
     assert ls["rows_received"] == 400 and ls["rows_uninspected"] == 0
+
+
+def test_demo_checks_its_options_before_generating_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from stfpm_edge.cli import app
+
+    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--size", "100"])
+    assert res.exit_code == 2 and "multiples of 16" in res.output
+    assert not (tmp_path / "d").exists()

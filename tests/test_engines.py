@@ -89,3 +89,27 @@ def test_open_engine_routes_options_and_refuses_foreign_ones(exported):
         open_engine(ckpt, build_if_stale=True)
     with pytest.raises(ModelFileError, match="not found"):
         open_engine(path.with_name("missing.onnx"), threads=2)
+
+
+def test_foreign_graph_with_our_metadata_and_empty_files_are_clear_errors(exported, tmp_path):
+    """An ONNX file whose metadata claims to be ours but whose graph is not; an empty file for build."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from stfpm_edge.engines.trt_build import build_engine
+
+    _, path = exported
+    meta_value = {p.key: p.value for p in onnx.load(str(path)).metadata_props}["stfpm_edge"]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "foreign", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.metadata_props.add(key="stfpm_edge", value=meta_value)
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(model, str(foreign))
+    with pytest.raises(ModelFileError, match="not an stfpm-edge graph"):
+        open_engine(foreign)
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelFileError, match="empty"):
+        build_engine(empty, tmp_path / "engines")

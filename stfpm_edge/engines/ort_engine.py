@@ -38,6 +38,11 @@ class OrtEngine(Engine):
         self.input_name = inp.name
         self.static_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
         self.output_names = ["anomaly_map", "score"]
+        have = {o.name: o for o in self.session.get_outputs()}
+        missing = [n for n in self.output_names if n not in have]
+        if missing or inp.type != "tensor(uint8)" or len(inp.shape) != 4:
+            raise ModelFileError(f"{path}: carries stfpm-edge metadata but is not an stfpm-edge graph (input {inp.name} {inp.type} "
+                                 f"{inp.shape}, outputs {sorted(have)}; expected uint8 [N,H,W,3] frames -> anomaly_map, score); re-export it")
 
     def close(self) -> None:
         self.session = None

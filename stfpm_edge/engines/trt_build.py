@@ -77,13 +77,18 @@ def gpu_info() -> dict[str, Any]:
 
 
 def _onnx_meta(onnx_path: Path) -> dict[str, Any]:
+    if onnx_path.stat().st_size == 0:
+        raise ModelFileError(f"{onnx_path}: the file is empty; export it again with `stfpm-edge export MODEL.pt`")
     sidecar = sidecar_path(onnx_path)
     if sidecar.is_file():
         return json.loads(sidecar.read_text())
     import onnx
 
-    props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
-    return metadata_from_props(props, onnx_path)
+    try:
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # truncated or not ONNX at all
+        raise ModelFileError(f"{onnx_path}: not a readable ONNX file ({exc.__class__.__name__})") from None
+    return metadata_from_props({p.key: p.value for p in proto.metadata_props}, onnx_path)
 
 
 @dataclass
@@ -133,9 +138,9 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path = "engines", options
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise ModelFileError(f"{onnx_path}: ONNX file not found")
+    meta = _onnx_meta(onnx_path)  # an empty or foreign file is named before TensorRT is looked for
     trt = trt or import_tensorrt()
     features = detect_features(trt)
-    meta = _onnx_meta(onnx_path)
     plan = plan_build(features, meta.get("precision", "fp32"), options)
     gpu = gpu or gpu_info()
 
