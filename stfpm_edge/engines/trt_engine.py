@@ -30,9 +30,11 @@ def _load_sidecar(path: Path) -> dict:
 
 class TensorRTEngine(Engine):
     name = "tensorrt"
-    OPTIONS = ("build_if_stale", "zero_copy", "device")
+    # threads: accepted (and unused: the work runs on the GPU) so that one option set, e.g. bench's
+    # --threads for the CPU backends, can be handed to every engine
+    OPTIONS = ("build_if_stale", "zero_copy", "device", "threads")
 
-    def __init__(self, path: str | Path, build_if_stale: bool = False, zero_copy: bool = False, device: int = 0):
+    def __init__(self, path: str | Path, build_if_stale: bool = False, zero_copy: bool = False, device: int = 0, threads: int = 0):
         path = Path(path)
         trt = import_tensorrt()
         try:
