@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -145,20 +145,26 @@ def evenly_spaced(items: Sequence, n: int | None) -> list:
     return [items[i] for i in np.unique(np.linspace(0, len(items) - 1, n).round().astype(int))]
 
 
+def fitted_images(items: Sequence, geometry: Geometry, progress: bool = False, desc: str = "images") -> Iterator[tuple[np.ndarray, tuple[int, int]]]:
+    """Decode and fit samples (or image paths) one by one: (BGR uint8 at model size, source (h, w))."""
+    it = items
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(items, desc=f"loading {desc}", unit="img", leave=False)
+    for item in it:
+        img = decode_image(getattr(item, "path", item))
+        yield geometry.fit_image(img)[0], img.shape[:2]
+
+
 def load_images(samples: Iterable[Sample], geometry: Geometry, progress: bool = False, desc: str = "images"):
     """Decode and fit every sample: (uint8 [N,H,W,3] BGR at model size, list of source (h, w))."""
     samples = list(samples)
     out = np.empty((len(samples), geometry.height, geometry.width, 3), dtype=np.uint8)
     sizes: list[tuple[int, int]] = []
-    it = samples
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(samples, desc=f"loading {desc}", unit="img", leave=False)
-    for i, s in enumerate(it):
-        img = decode_image(s.path)
-        out[i], _ = geometry.fit_image(img)
-        sizes.append(img.shape[:2])
+    for i, (fitted, size) in enumerate(fitted_images(samples, geometry, progress, desc)):
+        out[i] = fitted
+        sizes.append(size)
     return out, sizes
 
 
@@ -176,15 +182,20 @@ def load_masks(samples: Sequence[Sample], sizes: Sequence[tuple[int, int]], geom
             continue
         if s.mask_path is None:
             continue
-        m = decode_mask(s.mask_path)
-        if m.shape[:2] != tuple(size):
-            raise DataError(
-                f"{s.mask_path}: mask is {m.shape[1]}x{m.shape[0]} but its image {s.path} is "
-                f"{size[1]}x{size[0]}; masks must have the size of their image"
-            )
-        masks[i] = geometry.fit_mask(m)
+        masks[i] = geometry.fit_mask(_mask_of_size(s, size))
         has[i] = True
     return masks, has
+
+
+def _mask_of_size(s: Sample, size: Sequence[int]) -> np.ndarray:
+    """The sample's mask, which must have the size of its image."""
+    m = decode_mask(s.mask_path)
+    if m.shape[:2] != tuple(size):
+        raise DataError(
+            f"{s.mask_path}: mask is {m.shape[1]}x{m.shape[0]} but its image {s.path} is "
+            f"{size[1]}x{size[0]}; masks must have the size of their image"
+        )
+    return m
 
 
 def check_test_set(samples: Sequence[Sample], progress: bool = False) -> None:
@@ -196,12 +207,9 @@ def check_test_set(samples: Sequence[Sample], progress: bool = False) -> None:
 
         it = tqdm(samples, desc="checking test images", unit="img", leave=False)
     for s in it:
-        h, w = decode_image(s.path).shape[:2]
+        size = decode_image(s.path).shape[:2]
         if s.mask_path is not None:
-            m = decode_mask(s.mask_path)
-            if m.shape[:2] != (h, w):
-                raise DataError(f"{s.mask_path}: mask is {m.shape[1]}x{m.shape[0]} but its image {s.path} is {w}x{h}; "
-                                "masks must have the size of their image")
+            _mask_of_size(s, size)
 
 
 def content_mask(geometry: Geometry, sizes: Sequence[tuple[int, int]]) -> np.ndarray:

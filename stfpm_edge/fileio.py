@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import json
 import os
@@ -36,13 +35,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+_SWEPT: set[Path] = set()  # folders whose orphans this process has already removed
+
+
 def _remove_orphans(path: Path) -> None:
-    """Temporary files of earlier writes of ``path`` whose process died (kill -9, power loss)."""
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        parts = tmp.name[len(path.name) + 2 :].split(".")
+    """Temporary files of earlier writers whose process died (kill -9, power loss), in ``path``'s folder.
+
+    Once per folder and process: a folder written to often (anomaly pictures) is not listed again
+    on every write, and later orphans can only come from processes that died after this sweep.
+    """
+    folder = path.parent.resolve()
+    if folder in _SWEPT:
+        return
+    _SWEPT.add(folder)
+    for tmp in folder.glob(".*.tmp"):
+        parts = tmp.name[:-len(".tmp")].split(".")
         try:
-            pid = int(parts[0])
-        except ValueError:
+            pid = int(parts[-2])  # .<name>.<pid>.<random>.tmp
+        except (IndexError, ValueError):
             continue
         if pid != os.getpid() and not pid_alive(pid):
             tmp.unlink(missing_ok=True)

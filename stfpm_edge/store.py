@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .geometry import Geometry, decode_image
+from .datasets import fitted_images
+from .geometry import Geometry
 
 
 class RecordFile:
@@ -87,17 +88,10 @@ class TrainingStore:
         self._files.append(f)
         return f
 
-    def images(self, name: str, paths: Iterable, geometry: Geometry, progress: bool = False, desc: str = "images") -> RecordFile:
-        """Decode and fit every image (a bad file raises here, naming it) into a record file."""
-        paths = list(paths)
+    def images(self, name: str, items: Sequence, geometry: Geometry, progress: bool = False, desc: str = "images") -> RecordFile:
+        """Decode and fit every sample or image path (a bad file raises here, naming it) into a record file."""
         out = self.records(name, (geometry.height, geometry.width, 3), np.uint8)
-        it = paths
-        if progress:
-            from tqdm import tqdm
-
-            it = tqdm(paths, desc=f"loading {desc}", unit="img", leave=False)
-        for p in it:
-            fitted, _ = geometry.fit_image(decode_image(getattr(p, "path", p)))
+        for fitted, _ in fitted_images(items, geometry, progress, desc):
             out.append(fitted[None])
         return out
 

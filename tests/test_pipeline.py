@@ -7,6 +7,7 @@ import cv2
 import pytest
 
 from stfpm_edge.errors import StfpmError
+from stfpm_edge.stream.capture import Reconnect
 from stfpm_edge.stream.pipeline import RunOptions, run_stream
 from stfpm_edge.stream.sources import IterSource, open_source
 from tests.stream_fakes import (
@@ -61,7 +62,7 @@ def test_stop_event_drains_and_flushes(tmp_path):
 
 
 def test_reconnect_after_a_drop_is_recorded(tmp_path):
-    opts = RunOptions(tmp_path / "o", backoff_s=0.01, max_reconnects=2)
+    opts = RunOptions(tmp_path / "o", reconnect=Reconnect(max_attempts=2, backoff_s=0.01))
     summary = run_stream(lambda: DarkSpotEngine(), FlakyCamera(), opts)
     assert summary["reconnects"] >= 1 and summary["gaps"][0]["after_frame"] == 9
     assert summary["frames_read"] == 20

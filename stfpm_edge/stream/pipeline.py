@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,15 +33,9 @@ class RunOptions:
     video_fps: float = 25.0
     save_anomalies: bool = True
     show: bool = False
-    max_reconnects: int = 5
-    backoff_s: float = 0.5
-    backoff_max_s: float = 8.0
+    reconnect: Reconnect = field(default_factory=Reconnect)
     max_frames: int | None = None
     keep_anomalies: int = 1000  # anomalous frames kept as pictures (oldest deleted first)
-
-    @property
-    def reconnect(self) -> Reconnect:
-        return Reconnect(self.max_reconnects, self.backoff_s, self.backoff_max_s)
 
     def outputs(self, stop: threading.Event) -> list[Output]:
         """The picture outputs these options ask for (the JSONL record is always written)."""
