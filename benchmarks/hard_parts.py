@@ -42,6 +42,10 @@ VARIANTS: dict[str, dict] = {
     "s384-e30": dict(epochs=30, height=384, width=384, batch_size=16),
     "calib-e30": dict(epochs=30, calib_fraction=0.15, val_fraction=0.15),
     "defaults": dict(),
+    # combinations on top of today's defaults (rotate, blur 4), named explicitly so that the row
+    # stays what it was when the defaults move again
+    "rotate-blur4-s384-e30": dict(epochs=30, augment="rotate", blur_sigma=4.0, height=384, width=384, batch_size=16),
+    "rotate-blur4-lite1-e30": dict(epochs=30, augment="rotate", blur_sigma=4.0, backbone="tf_efficientnet_lite1"),
 }
 
 # post-processing suffixes: "+blur4" (Gaussian sigma 4 px), "+top1pct" (mean of the top 1% of pixels)

@@ -285,6 +285,12 @@ def run(
     mm_per_row: Optional[float] = typer.Option(None, "--mm-per-row", help="line-scan: web travel per row, to report positions in mm"),
     build_if_stale: bool = typer.Option(False, "--build-if-stale", help="TensorRT: rebuild an engine whose sidecar no longer matches"),
     zero_copy: bool = typer.Option(False, "--zero-copy", help="TensorRT on Jetson (integrated GPU): mapped host memory instead of copies"),
+    sink: List[str] = typer.Option([], "--sink", help="send verdicts to the line, repeatable: mqtt://[user:pw@]host:1883/topic[?send=anomalous], "
+                                   "modbus://host:502/coil/N[?pulse_ms=200] (a reject pulse per anomaly), http(s)://... (webhook, anomalies); "
+                                   "see README 'Connecting to the line'"),
+    ui: Optional[str] = typer.Option(None, "--ui", help="serve the operator station at host:port (e.g. 127.0.0.1:8080; loopback unless you name another address)"),
+    ui_token: Optional[str] = typer.Option(None, "--ui-token", envvar="STFPM_UI_TOKEN", help="token the station asks for before a change; required for a non-loopback --ui"),
+    pace: Optional[float] = typer.Option(None, "--pace", min=0.1, help="read a video or image folder at most this many frames per second, as a camera would deliver it"),
 ):
     from .stream.linescan import LineScanOptions
     from .stream.pipeline import RunOptions
@@ -292,7 +298,9 @@ def run(
 
     session = Session(model, source, out, {"threads": threads, "build_if_stale": build_if_stale, "zero_copy": zero_copy},
                       LineScanOptions(Path(), scale=scale, overlap=overlap, mm_per_row=mm_per_row) if line_scan else None,
-                      RunOptions(Path(), roi=_roi(roi), save_video=save_video, save_anomalies=save_anomalies, show=show, max_frames=max_frames))
+                      RunOptions(Path(), roi=_roi(roi), save_video=save_video, save_anomalies=save_anomalies, show=show, max_frames=max_frames,
+                                 pace_fps=pace, ui=ui, ui_token=ui_token),
+                      sinks=list(sink))
     out, summary = run_session(session)
     if line_scan:
         typer.echo(f"rows {summary['rows_received']} | tiles {summary['tiles_inspected']} | rows uninspected {summary['rows_uninspected']} | "
@@ -306,6 +314,11 @@ def run(
         for stage in ("preprocess", "inference", "output", "end_to_end"):
             if stage in lat:
                 typer.echo(f"  {stage:>11}: p50 {lat[stage]['p50']:.1f} ms, p99 {lat[stage]['p99']:.1f} ms")
+    for st in summary.get("sinks", []):
+        lat = st["latency_ms"]
+        typer.echo(f"sink {st['sink']}: sent {st['sent']} | failed {st['failed']} | dropped {st['dropped']}"
+                   + (f" | capture->sent p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms" if lat else "")
+                   + (f" | last error: {st['last_error']}" if st.get("last_error") else ""))
     typer.echo(f"results: {out}")
 
 

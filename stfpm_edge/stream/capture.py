@@ -102,10 +102,11 @@ class Capture:
     """
 
     def __init__(self, source: Source, handover, counters: Counters, stop: threading.Event, events: list,
-                 reconnect: Reconnect | None = None, max_frames: int | None = None):
+                 reconnect: Reconnect | None = None, max_frames: int | None = None, pace_fps: float | None = None):
         self.source, self.handover, self.counters, self.stop, self.events = source, handover, counters, stop, events
         self.reconnect = reconnect or Reconnect()
         self.max_frames = max_frames
+        self.pace_fps = pace_fps  # read at most this many frames per second (a file played as a camera would deliver it)
         self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
 
     def start(self) -> "Capture":
@@ -129,7 +130,12 @@ class Capture:
         source, counters = self.source, self.counters
         try:
             failures = 0
+            t_pace = time.perf_counter()
             while not self.stop.is_set():
+                if self.pace_fps:
+                    t_pace += 1.0 / self.pace_fps
+                    if self.stop.wait(max(0.0, t_pace - time.perf_counter())):
+                        break
                 if self.max_frames is not None and counters.read >= self.max_frames:
                     break
                 frame = source.read()

@@ -38,6 +38,7 @@ class Result:
     normalized_score: float
     verdict: str
     map: np.ndarray  # at model size
+    threshold: float  # the one the verdict used (an operator may change it during a run)
 
 
 @dataclass
@@ -61,7 +62,8 @@ class Inspector:
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self.geometry = None
-        self.threshold: float | None = None
+        self.threshold: float | None = None  # the engine's, until an operator changes it (set_threshold)
+        self.meta: dict = {}
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
 
     def start(self) -> "Inspector":
@@ -73,6 +75,11 @@ class Inspector:
 
     def join(self) -> None:
         self._thread.join()
+
+    def set_threshold(self, value: float) -> float:
+        """Apply a new image threshold to the frames inspected from now on; returns the old one."""
+        old, self.threshold = self.threshold, float(value)
+        return old
 
     def _inspect(self, engine, frame: Frame, arrival: float) -> Inspection:
         t0 = time.perf_counter()
@@ -87,8 +94,8 @@ class Inspector:
         t1 = time.perf_counter()
         maps, scores = engine.infer(fitted)
         t2 = time.perf_counter()
-        score, thr = float(scores[0]), engine.threshold
-        result = Result(score, float(normalized_score(score, thr)), verdict(score, thr), maps[0])
+        score, thr = float(scores[0]), self.threshold
+        result = Result(score, float(normalized_score(score, thr)), verdict(score, thr), maps[0], thr)
         t3 = time.perf_counter()
         lat.update(preprocess=(t1 - t0) * 1e3, inference=(t2 - t1) * 1e3, postprocess=(t3 - t2) * 1e3)
         return Inspection(frame, result, lat, arrival)
@@ -96,7 +103,7 @@ class Inspector:
     def _run(self) -> None:
         try:
             with self.engine_factory() as engine:
-                self.geometry, self.threshold = engine.geometry, engine.threshold
+                self.geometry, self.threshold, self.meta = engine.geometry, engine.threshold, engine.meta
                 self.ready.set()
                 while True:
                     item = self.handover.get()

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..fileio import atomic_write_bytes, atomic_write_json, mask_secrets
 from ..render import heat_overlay
-from ..scoring import is_anomalous, normalized_score, verdict
+from ..scoring import ANOMALOUS, is_anomalous, normalized_score, verdict
 from ..timing import percentiles
 from .capture import END, BlockingQueue, Capture, Reconnect
 from .counters import Counters
@@ -37,6 +37,7 @@ class LineScanOptions:
     strip_downsample: int = 4  # the saved heat strip is this many times smaller than the web
     max_strip_rows: int = 100_000
     reconnect: Reconnect = field(default_factory=Reconnect)
+    sinks: list = field(default_factory=list)  # stream.sinks.Sink objects (not started): one message per detecting tile
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:
@@ -184,7 +185,7 @@ class WebInspection:
         # with overlap o, every web position lies at least o * tile / 4 inside some tile
         self.margin = int(min(self.tile_h, self.tile_w) * opts.overlap / 4)
 
-    def rows(self, frame) -> None:
+    def rows(self, frame, arrival: float) -> None:
         """A block of rows arrived: cut and inspect the tiles it completes; another width is a failed block."""
         try:
             tiles = self.tiler.push(frame.image)
@@ -193,13 +194,14 @@ class WebInspection:
             self.writer.write({"event": "failed_rows", "frame": frame.index, "error": str(exc)})
             return
         self.strip.add_rows(frame.image, self.tiler.total - len(frame.image))
-        self.inspect(tiles)
+        self.inspect(tiles, arrival)
 
     def finish(self) -> None:
         self.finishing = True
-        self.inspect(self.tiler.finish())
+        self.inspect(self.tiler.finish(), time.perf_counter())
 
-    def inspect(self, tiles) -> None:
+    def inspect(self, tiles, arrival: float) -> None:
+        """Inspect the tiles completed by rows that arrived at ``arrival`` (perf_counter)."""
         geo, thr, tiler = self.engine.geometry, self.engine.threshold, self.tiler
         for y0, x0, tile in tiles:
             t0 = time.perf_counter()
@@ -225,6 +227,13 @@ class WebInspection:
                         det["position_mm"] = det["row"] * self.opts.mm_per_row
                     self.detections.append(det)
                 record["peaks"] = [{"row": int(y0 + r), "col": int(x0 + c), "score": p} for r, c, p in found]
+                if found:
+                    message = {"event": "detection", "status": "inspected", "verdict": ANOMALOUS, "tile": self.n_tiles, "score": score,
+                               "peaks": [{**p, **({"position_mm": p["row"] * self.opts.mm_per_row} if self.opts.mm_per_row else {})}
+                                         for p in record["peaks"]]}
+                    for sink in self.opts.sinks:
+                        if sink.wants(message):
+                            sink.offer(message, arrival)
             self.writer.write(record)
             self.counters.add_latency({"inference": (t1 - t0) * 1e3})
             self.counters.inspected += 1
@@ -248,24 +257,30 @@ def run_linescan(engine_factory: Callable[[], Any], source: Source, opts: LineSc
     t_start = time.perf_counter()
     with engine_factory() as engine:
         web = WebInspection(engine, opts, writer, counters)
+        for sink in opts.sinks:
+            sink.context.setdefault("source", source.describe())
+            sink.context["threshold"] = engine.threshold
+            sink.start()
         cap = Capture(source, slot, counters, stop, [], opts.reconnect).start()
         try:
             while True:
                 item = slot.get()
                 if item is END:
                     break
-                frame, _ = item
+                frame, arrival = item
                 if frame.image is None:
                     counters.failed += 1
                     writer.write({"event": "failed_rows", "frame": frame.index, "error": frame.error})
                     continue
-                web.rows(frame)
+                web.rows(frame, arrival)
             web.finish()
         except BaseException as exc:  # end promptly, with a summary that says why
             error = exc
         finally:
             cap.stop_and_join()
             source.close()
+            for sink in opts.sinks:
+                sink.close()
     defects = merge_detections(web.detections, web.tile_h / 4, web.tile_w / 4)
     for d in defects:
         writer.write({"event": "defect", **d})
@@ -278,6 +293,8 @@ def run_linescan(engine_factory: Callable[[], Any], source: Source, opts: LineSc
         "tile_latency_ms": percentiles(counters.latency["inference"]) if web.n_tiles else None,
         "source": source.describe(),
     }
+    if opts.sinks:
+        summary["sinks"] = [s.stats() for s in opts.sinks]
     if error is None and web.strip.save(opts.out_dir / "heat_strip.png", engine.threshold, defects, web.tile_w):
         summary["heat_strip"] = str(opts.out_dir / "heat_strip.png")
     if error is not None:

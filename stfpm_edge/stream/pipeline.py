@@ -36,6 +36,10 @@ class RunOptions:
     reconnect: Reconnect = field(default_factory=Reconnect)
     max_frames: int | None = None
     keep_anomalies: int = 1000  # anomalous frames kept as pictures (oldest deleted first)
+    pace_fps: float | None = None  # read file sources at most this fast (a video played as a camera delivers it)
+    sinks: list = field(default_factory=list)  # stream.sinks.Sink objects (not started): verdicts to the line
+    ui: str | None = None  # host:port of the operator station
+    ui_token: str | None = None
 
     def outputs(self, stop: threading.Event) -> list[Output]:
         """The picture outputs these options ask for (the JSONL record is always written)."""
@@ -71,7 +75,7 @@ class OutputStage:
             self.writer.write(frame_record(insp))
             return
         t4 = time.perf_counter()
-        picture = Picture(insp, self.inspector.geometry, self.inspector.threshold, self.roi)
+        picture = Picture(insp, self.inspector.geometry, insp.result.threshold, self.roi)
         for out in self.outputs:  # each draws on the shared picture only if it needs it
             self._write(out, insp, picture)
         t5 = time.perf_counter()
@@ -104,17 +108,36 @@ def run_stream(engine_factory: Callable[[], Any], source: Source, opts: RunOptio
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     counters, events = Counters(), []
     handover = handover_for(source)
-    inspector = Inspector(engine_factory, handover, stop, opts.roi).start()
+    inspector = Inspector(engine_factory, handover, stop, opts.roi)
+    station = None
+    if opts.ui:
+        from .station import Station
+
+        try:  # bind before the engine opens: a taken port is a clear error before any frame
+            station = Station(opts.ui, opts.out_dir, counters, inspector, events, opts.ui_token, title=source.describe()).start()
+        except BaseException:
+            source.close()
+            raise
+    inspector.start()
     inspector.ready.wait()
     if inspector.error is not None:  # the engine did not open (missing file, metadata that does not fit): before any frame
         inspector.join()
         source.close()
+        if station is not None:
+            station.close()
         raise inspector.error
-    capture = Capture(source, handover, counters, stop, events, opts.reconnect, opts.max_frames)
+    if station is not None:
+        print(f"operator station: {station.url}", flush=True)
+    for sink in opts.sinks:
+        sink.context.setdefault("source", source.describe())
+        sink.context["threshold"] = inspector.threshold
+        sink.start()
+    capture = Capture(source, handover, counters, stop, events, opts.reconnect, opts.max_frames, opts.pace_fps)
     t_start = time.perf_counter()
     capture.start()
 
-    stage = OutputStage(JsonlWriter(opts.out_dir / "frames.jsonl"), opts.outputs(stop), counters, events, inspector, opts.roi)
+    outputs = opts.outputs(stop) + list(opts.sinks) + ([station] if station is not None else [])  # the station after the anomaly files it shows
+    stage = OutputStage(JsonlWriter(opts.out_dir / "frames.jsonl"), outputs, counters, events, inspector, opts.roi)
     writer, outputs = stage.writer, stage.outputs
     bar = None
     if progress:
@@ -140,6 +163,7 @@ def run_stream(engine_factory: Callable[[], Any], source: Source, opts: RunOptio
                 pass
         capture.join()
         inspector.join()
+        t_end = time.perf_counter()  # inspection is over: what follows (draining sinks, closing files) is not in the FPS
         while events:
             writer.write(events.pop(0))
         writer.close()
@@ -148,7 +172,7 @@ def run_stream(engine_factory: Callable[[], Any], source: Source, opts: RunOptio
         if bar is not None:
             bar.close()
         source.close()
-    wall = time.perf_counter() - t_start
+    wall = t_end - t_start
     summary = summarize(counters, wall)
     summary["source"] = source.describe()
     summary["output_failures"] = list(stage.broken.values())
@@ -156,6 +180,11 @@ def run_stream(engine_factory: Callable[[], Any], source: Source, opts: RunOptio
     if writer.error:
         summary["records_error"] = writer.error
     summary["anomaly_files_rotated"] = sum(getattr(o, "rotated", 0) for o in outputs)
+    summary["threshold"] = inspector.threshold
+    if opts.sinks:
+        summary["sinks"] = [s.stats() for s in opts.sinks]
+    if station is not None:
+        summary["ui"] = {"url": station.url, "threshold_changes": station.changes}
     if inspector.error is not None:
         summary["error"] = mask_secrets(str(inspector.error))
     try:

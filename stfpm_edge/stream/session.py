@@ -16,6 +16,7 @@ from ..errors import StfpmError
 from .linescan import LineScanOptions, run_linescan
 from .outputs import RunFolder, check_video_path
 from .pipeline import RunOptions, run_stream
+from .sinks import make_sink
 from .sources import open_source
 
 
@@ -27,6 +28,7 @@ class Session:
     engine: dict[str, Any] = field(default_factory=dict)  # backend options: threads, build_if_stale, zero_copy
     line_scan: LineScanOptions | None = None  # set: the source is a web arriving row block by row block
     area: RunOptions | None = None  # area-scan options (out_dir is filled in)
+    sinks: list[str] = field(default_factory=list)  # --sink URLs: verdicts to MQTT, a Modbus coil, webhooks
 
 
 def default_out() -> Path:
@@ -41,6 +43,13 @@ def run_session(s: Session, progress: bool = True) -> tuple[Path, dict[str, Any]
     area.out_dir = out
     if area.save_video is not None:
         check_video_path(area.save_video)
+    sinks = [make_sink(url) for url in s.sinks]  # every URL and its options checked before anything connects
+    if s.line_scan is not None:
+        if area.ui:
+            raise StfpmError("--ui shows area-scan runs; a line-scan run reports through tiles.jsonl, its heat strip and --sink")
+        s.line_scan.sinks = sinks
+    else:
+        area.sinks = sinks
     src = open_source(s.source)
     try:
         folder = RunFolder(out).__enter__()  # refuses a folder with another run's results, locks it for this run

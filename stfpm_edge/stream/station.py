@@ -1,0 +1,366 @@
+"""The operator station: a web page served by the run itself (Starlette on uvicorn, in a thread).
+
+What the operator at the machine sees: the live annotated stream (MJPEG), counters (inspected,
+anomalous, dropped, failed, FPS, latency p50/p99), a gallery of the latest anomalies with their heat
+maps, and a threshold control that first shows what a new value would do on the model's held-out
+good images (stored in the model at training time) and on the run's recent frames, then applies it
+to the next frames and logs the change as an event in the JSONL.
+
+Safety: binds to loopback unless told otherwise; a non-loopback bind needs a token, and every
+request that changes state must carry it (``Authorization: Bearer <token>``); state changes must be
+JSON requests from the page's own origin (a foreign page cannot post to it); on loopback, requests
+must name a loopback host (no DNS rebinding); files are served only from the run folder's
+``anomalies/`` and only pictures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import socket
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from ..errors import StfpmError
+from ..scoring import ANOMALOUS
+from ..timing import percentiles
+from .outputs import Output
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+STREAM_FPS = 10.0  # frames per second sent to viewers (encoded only while someone watches)
+STREAM_WIDTH = 960  # the streamed picture is scaled down to at most this width
+GALLERY = 24
+PICTURE_SUFFIXES = (".jpg", ".png")
+
+
+def parse_bind(value: str) -> tuple[str, int]:
+    """``host:port`` or ``port`` (loopback) -> (host, port), checked."""
+    host, _, port = value.rpartition(":") if ":" in value else ("127.0.0.1", "", value)
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        port_n = int(port)
+    except ValueError:
+        raise StfpmError(f"--ui {value!r}: give host:port (e.g. 127.0.0.1:8080) or a port") from None
+    if not 0 <= port_n <= 65535:
+        raise StfpmError(f"--ui {value!r}: port out of range")
+    return host, port_n
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Station(Output):
+    """An ``Output`` of the area-scan loop that also serves the page; ``start()`` binds the port."""
+
+    def __init__(self, bind: str, run_dir: Path, counters, inspector, events: list, token: str | None = None, title: str = ""):
+        self.host, self.port = parse_bind(bind)
+        self.loopback = is_loopback(self.host)
+        if not self.loopback and not token:
+            raise StfpmError(f"--ui {bind}: serving beyond this machine needs a token for changes (--ui-token or STFPM_UI_TOKEN)")
+        self.run_dir, self.counters, self.inspector, self.events, self.token, self.title = run_dir, counters, inspector, events, token, title
+        self._lock = threading.Lock()
+        self._jpeg: bytes | None = None
+        self._seq = 0
+        self._last_encode = 0.0
+        self.viewers = 0
+        self.recent_scores: deque = deque(maxlen=1000)
+        self.gallery: deque = deque(maxlen=GALLERY)
+        self.changes: list[dict] = []
+        self._fps_mark = (time.perf_counter(), 0)
+        self._fps = 0.0
+        self.closed = False
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    # -- the output side (the run's output thread) -------------------------------------------------
+    def write(self, insp, picture) -> None:
+        r = insp.result
+        self.recent_scores.append(r.score)
+        if r.verdict == ANOMALOUS:
+            stem = f"{insp.frame.index:06d}"
+            files = {kind: f"anomalies/{stem}_{kind}{suffix}" for kind, suffix in (("overlay", ".jpg"), ("heatmap", ".png"))}
+            self.gallery.appendleft({"frame": insp.frame.index, "score": r.score, "normalized_score": r.normalized_score,
+                                     "time": time.time(), **{k: v for k, v in files.items() if (self.run_dir / v).is_file()}})
+        now = time.perf_counter()
+        if self.viewers and now - self._last_encode >= 1.0 / STREAM_FPS:
+            vis = picture.image
+            if vis.shape[1] > STREAM_WIDTH:
+                vis = cv2.resize(vis, (STREAM_WIDTH, round(vis.shape[0] * STREAM_WIDTH / vis.shape[1])), interpolation=cv2.INTER_AREA)
+            ok, buf = cv2.imencode(".jpg", vis, [cv2.IMWRITE_JPEG_QUALITY, 80])
+            if ok:
+                with self._lock:
+                    self._jpeg, self._seq = buf.tobytes(), self._seq + 1
+            self._last_encode = now
+
+    def close(self) -> None:
+        self.closed = True
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+
+    # -- what the page asks for -------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        c = self.counters
+        now = time.perf_counter()
+        t0, n0 = self._fps_mark
+        if now - t0 >= 1.0:
+            self._fps = (c.inspected - n0) / (now - t0)
+            self._fps_mark = (now, c.inspected)
+        lat = {k: percentiles(list(c.latency[k])) for k in ("inference", "end_to_end") if c.latency.get(k)}
+        return {"title": self.title, "inspected": c.inspected, "anomalous": c.anomalous, "dropped": c.dropped, "failed": c.failed,
+                "read": c.read, "fps": round(self._fps, 2), "latency_ms": lat, "threshold": self.inspector.threshold,
+                "model_threshold": (self.inspector.meta.get("threshold") or {}).get("image"),
+                "gallery": list(self.gallery), "changes": self.changes[-10:], "running": not self.closed}
+
+    def preview(self, value: float) -> dict[str, Any]:
+        """What ``value`` would do: false alarms on the model's held-out good images, and how many
+        of the run's recent frames it would call anomalous (against the current threshold)."""
+        held = np.asarray((self.inspector.meta.get("normal_stats") or {}).get("heldout_scores") or [], dtype=np.float64)
+        recent = np.asarray(list(self.recent_scores), dtype=np.float64)
+        now = self.inspector.threshold
+        out: dict[str, Any] = {"value": value, "current": now, "recent_frames": int(recent.size),
+                               "recent_anomalous_now": int((recent > now).sum()) if now is not None else None,
+                               "recent_anomalous_new": int((recent > value).sum())}
+        if held.size:
+            out.update(heldout_images=int(held.size), heldout_false_alarms_new=int((held > value).sum()),
+                       heldout_false_alarms_now=int((held > now).sum()) if now is not None else None)
+        else:
+            out["heldout_images"] = 0
+            out["note"] = "this model stores no held-out good scores (trained before they were kept): retrain to see false alarms"
+        return out
+
+    def apply(self, value: float, who: str) -> dict[str, Any]:
+        old = self.inspector.set_threshold(value)
+        event = {"event": "threshold_changed", "old": old, "new": float(value), "by": who, "time": time.time(),
+                 "after_frame": self.counters.read - 1}
+        self.changes.append(event)
+        self.events.append(event)  # the output stage writes it into the JSONL before the next record
+        return event
+
+    # -- the web app ------------------------------------------------------------------------------
+    def _app(self):
+        from starlette.applications import Starlette
+        from starlette.middleware import Middleware
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+        from starlette.requests import Request
+        from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+        from starlette.routing import Route
+
+        def page(request: Request):
+            return HTMLResponse(PAGE.replace("__TITLE__", _html_escape(self.title or "stfpm-edge")),
+                                headers={"Cache-Control": "no-store", "X-Frame-Options": "DENY",
+                                         "Content-Security-Policy": "default-src 'self'; img-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"})
+
+        def state(request: Request):
+            return JSONResponse(self.state(), headers={"Cache-Control": "no-store"})
+
+        def number(raw) -> float | None:
+            try:
+                v = float(raw)
+            except (TypeError, ValueError):
+                return None
+            return v if np.isfinite(v) else None
+
+        def preview(request: Request):
+            v = number(request.query_params.get("value"))
+            if v is None:
+                return JSONResponse({"error": "value must be a finite number"}, status_code=400)
+            return JSONResponse(self.preview(v))
+
+        async def change(request: Request):
+            if self.token is not None:
+                given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+                if not hmac.compare_digest(given.encode(), self.token.encode()):
+                    return JSONResponse({"error": "a valid token is needed to change the threshold"}, status_code=401)
+            if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+                return JSONResponse({"error": "send JSON"}, status_code=415)
+            origin = request.headers.get("origin")
+            if origin is not None and origin.split("://", 1)[-1] != request.headers.get("host"):
+                return JSONResponse({"error": "foreign origin"}, status_code=403)
+            try:
+                body = await request.json()
+            except ValueError:
+                return JSONResponse({"error": "body is not JSON"}, status_code=400)
+            v = number(body.get("value") if isinstance(body, dict) else None)
+            if v is None:
+                return JSONResponse({"error": "value must be a finite number"}, status_code=400)
+            return JSONResponse(self.apply(v, f"ui {request.client.host if request.client else '?'}"))
+
+        async def stream(request: Request):
+            async def frames():
+                last = -1
+                self.viewers += 1
+                try:
+                    while not self.closed and not await request.is_disconnected():
+                        with self._lock:
+                            jpeg, seq = self._jpeg, self._seq
+                        if jpeg is not None and seq != last:
+                            last = seq
+                            yield b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpeg) + jpeg + b"\r\n"
+                        await asyncio.sleep(0.5 / STREAM_FPS)
+                finally:
+                    self.viewers -= 1
+
+            return StreamingResponse(frames(), media_type="multipart/x-mixed-replace; boundary=frame", headers={"Cache-Control": "no-store"})
+
+        def files(request: Request):
+            name = request.path_params["name"]
+            folder = (self.run_dir / "anomalies").resolve()
+            path = (folder / name).resolve()
+            if path.parent != folder or path.suffix.lower() not in PICTURE_SUFFIXES or not path.is_file():
+                return Response("not found", status_code=404)
+            return FileResponse(path, headers={"Cache-Control": "no-store"})
+
+        routes = [Route("/", page), Route("/api/state", state), Route("/api/threshold/preview", preview),
+                  Route("/api/threshold", change, methods=["POST"]), Route("/stream.mjpg", stream),
+                  Route("/anomalies/{name}", files)]
+        hosts = list(LOOPBACK_NAMES) if self.loopback else ["*"]
+        return Starlette(routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)])
+
+    def start(self) -> "Station":
+        """Bind the port (a clear error if taken) and serve from a thread."""
+        try:
+            import uvicorn
+        except ImportError:
+            raise StfpmError("--ui: the operator station needs the [line] extra (pip install 'stfpm-edge[line]')") from None
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise StfpmError(f"--ui {self.host}:{self.port}: cannot listen there ({exc.strerror or exc})") from None
+        sock.listen(64)
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(self._app(), log_level="warning", lifespan="off", timeout_graceful_shutdown=1, access_log=False)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="station", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not self._server.started:
+            raise StfpmError(f"--ui {self.host}:{self.port}: the web server did not start")
+        return self
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+
+def _html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=True)
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>stfpm-edge · __TITLE__</title>
+<style>
+ body{margin:0;font:15px system-ui,sans-serif;background:#111;color:#eee}
+ header{padding:8px 14px;background:#222;display:flex;gap:18px;align-items:baseline}
+ header h1{font-size:18px;margin:0} #status{color:#8c8}
+ main{display:grid;grid-template-columns:minmax(0,2fr) minmax(260px,1fr);gap:12px;padding:12px}
+ .tile{background:#1b1b1b;border:1px solid #333;border-radius:6px;padding:8px}
+ #live{width:100%;background:#000;min-height:200px;display:block}
+ table{border-collapse:collapse;width:100%} td{padding:3px 6px;border-bottom:1px solid #2a2a2a} td.v{text-align:right;font-variant-numeric:tabular-nums}
+ #gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(120px,1fr));gap:6px;margin-top:8px}
+ #gallery figure{margin:0;cursor:pointer} #gallery img{width:100%;display:block;border:2px solid #c33}
+ #gallery figcaption{font-size:12px;color:#bbb}
+ #big{position:fixed;inset:0;background:rgba(0,0,0,.9);display:none;align-items:center;justify-content:center;gap:10px}
+ #big img{max-width:48vw;max-height:90vh}
+ input[type=number]{width:110px} button{padding:4px 10px} #preview{font-size:13px;color:#ccc;margin-top:6px;min-height:3em}
+ .bad{color:#f66}
+</style></head><body>
+<header><h1>stfpm-edge · __TITLE__</h1><span id="status">connecting…</span></header>
+<main>
+ <section class="tile"><img id="live" src="/stream.mjpg" alt="live annotated stream"></section>
+ <section>
+  <div class="tile"><table id="counters">
+   <tr><td>inspected</td><td class="v" id="inspected">–</td></tr>
+   <tr><td>anomalous</td><td class="v bad" id="anomalous">–</td></tr>
+   <tr><td>dropped</td><td class="v" id="dropped">–</td></tr>
+   <tr><td>failed</td><td class="v" id="failed">–</td></tr>
+   <tr><td>FPS</td><td class="v" id="fps">–</td></tr>
+   <tr><td>latency p50 / p99 (ms)</td><td class="v" id="latency">–</td></tr>
+   <tr><td>threshold</td><td class="v" id="threshold">–</td></tr>
+  </table></div>
+  <div class="tile" style="margin-top:12px">
+   <label>new threshold <input id="thr" type="number" step="any"></label>
+   <button id="check">preview</button> <button id="apply" disabled>apply</button>
+   <div id="preview"></div>
+  </div>
+ </section>
+ <section class="tile" style="grid-column:1/-1"><b>latest anomalies</b> (click to enlarge)<div id="gallery"></div></section>
+</main>
+<div id="big" title="click to close"></div>
+<script>
+const $ = id => document.getElementById(id);
+const fmt = v => (v === null || v === undefined) ? '–' : (typeof v === 'number' ? (Math.abs(v) >= 100 ? v.toFixed(1) : v.toPrecision(4)) : v);
+let shown = '';
+async function refresh() {
+  try {
+    const s = await (await fetch('/api/state', {cache: 'no-store'})).json();
+    for (const k of ['inspected', 'anomalous', 'dropped', 'failed']) $(k).textContent = s[k];
+    $('fps').textContent = s.fps.toFixed(1);
+    const l = s.latency_ms.end_to_end || s.latency_ms.inference;
+    $('latency').textContent = l ? `${l.p50.toFixed(1)} / ${l.p99.toFixed(1)}` : '–';
+    $('threshold').textContent = fmt(s.threshold) + (s.threshold !== s.model_threshold ? ` (model: ${fmt(s.model_threshold)})` : '');
+    if ($('thr').value === '') $('thr').value = s.threshold;
+    $('status').textContent = s.running ? 'running' : 'stopped';
+    const key = s.gallery.map(g => g.frame).join(',');
+    if (key !== shown) {
+      shown = key;
+      $('gallery').replaceChildren(...s.gallery.filter(g => g.overlay).map(g => {
+        const f = document.createElement('figure');
+        const img = document.createElement('img'); img.src = '/' + g.overlay; img.alt = 'frame ' + g.frame; img.loading = 'lazy';
+        const c = document.createElement('figcaption'); c.textContent = `#${g.frame} score ${fmt(g.score)}`;
+        f.append(img, c); f.dataset.overlay = g.overlay; f.dataset.heatmap = g.heatmap || '';
+        f.onclick = () => enlarge(f.dataset.overlay, f.dataset.heatmap); return f; }));
+    }
+  } catch (e) { $('status').textContent = 'no connection'; }
+}
+function enlarge(overlay, heat) {
+  const b = $('big'); b.replaceChildren();
+  for (const src of [overlay, heat]) if (src) { const i = document.createElement('img'); i.src = '/' + src; b.append(i); }
+  b.style.display = 'flex';
+}
+$('big').onclick = () => { $('big').style.display = 'none'; };
+$('check').onclick = async () => {
+  const v = $('thr').value;
+  const p = await (await fetch('/api/threshold/preview?value=' + encodeURIComponent(v))).json();
+  if (p.error) { $('preview').textContent = p.error; return; }
+  let t = `at ${fmt(p.value)}: ${p.recent_anomalous_new} of the last ${p.recent_frames} frames anomalous (now ${p.recent_anomalous_now})`;
+  t += p.heldout_images ? `; ${p.heldout_false_alarms_new} false alarms on ${p.heldout_images} held-out good images (now ${p.heldout_false_alarms_now})` : `; ${p.note}`;
+  $('preview').textContent = t; $('apply').disabled = false; $('apply').dataset.value = v;
+};
+$('thr').oninput = () => { $('apply').disabled = true; };
+$('apply').onclick = async () => {
+  const headers = {'Content-Type': 'application/json'};
+  const token = new URLSearchParams(location.hash.slice(1)).get('token');
+  if (token) headers['Authorization'] = 'Bearer ' + token;
+  const r = await fetch('/api/threshold', {method: 'POST', headers, body: JSON.stringify({value: Number($('apply').dataset.value)})});
+  const e = await r.json();
+  $('preview').textContent = r.ok ? `applied: ${fmt(e.old)} → ${fmt(e.new)} from frame ${e.after_frame + 1} on` : e.error;
+  $('apply').disabled = true; refresh();
+};
+refresh(); setInterval(refresh, 500);
+</script></body></html>
+"""
