@@ -54,11 +54,14 @@ def test_run_command_with_onnx_never_imports_torch(tiny_run, tmp_path):
     code = (
         "from typer.testing import CliRunner\n"
         "from stfpm_edge.cli import app\n"
-        f"r = CliRunner().invoke(app, ['run', r'{model}', '--source', r'{video}', '--out', r'{tmp_path / 'o'}', '--save-video', r'{tmp_path / 'o' / 'a.mp4'}'])\n"
+        f"r = CliRunner().invoke(app, ['run', r'{model}', '--source', r'{video}', '--out', r'{tmp_path / 'o'}', '--save-video', r'{tmp_path / 'o' / 'a.mp4'}',\n"
+        "    '--ui', '127.0.0.1:0', '--sink', 'http://127.0.0.1:9/hook?send=all&timeout=0.2&retries=0&drain_s=0.5'])\n"
         "assert r.exit_code == 0, r.output\n"
     )
-    run_without_modules(code, ("torch", "timm", "sklearn", "matplotlib"))
+    run_without_modules(code, ("torch", "timm", "sklearn", "matplotlib"))  # the station and the sinks too
     assert len(_records(tmp_path / "o")) == 20
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["ui"]["url"].startswith("http://127.0.0.1:") and summary["sinks"][0]["offered"] == 20
 
 
 def test_cli_train_missing_folder_is_one_clear_line(tmp_path):
@@ -144,9 +147,12 @@ def test_run_rejects_bad_numbers_and_exits_nonzero_when_nothing_was_inspected(ex
     video = tmp_path / "v.mp4"
     _write_video(video, 9, size=(64, 64))
     for args in (["--max-frames", "-5"], ["--threads", "-3"], ["--line-scan", "--overlap", "1.5"],
-                 ["--save-video", str(tmp_path)], ["--save-video", str(tmp_path / "out.txt")]):
+                 ["--save-video", str(tmp_path)], ["--save-video", str(tmp_path / "out.txt")],
+                 ["--sink", "ftp://x/y"], ["--sink", "mqtt://u:pw@h/t?qos=9"], ["--sink", "modbus://h/coil/x"],
+                 ["--line-scan", "--ui", "127.0.0.1:0"], ["--ui", "0.0.0.0:8080"], ["--pace", "0"]):
         result = runner.invoke(app, ["run", str(onnx_path), "--source", str(video), "--out", str(tmp_path / "x"), *args])
-        assert result.exit_code == 2, (args, result.output)
+        assert result.exit_code == 2 and "Traceback" not in result.output and "pw" not in result.output, (args, result.output)
+        assert not (tmp_path / "x").exists()  # refused before the run folder is claimed
     result = runner.invoke(app, ["run", str(onnx_path), "--source", str(video), "--out", str(tmp_path / "roi"), "--roi", "500,500,10,10"])
     assert result.exit_code == 2 and "nothing was inspected" in result.output and "9 frame(s) read, 9 failed" in result.output
     result = runner.invoke(app, ["run", str(onnx_path), "--source", str(video), "--out", str(tmp_path / "ok")])

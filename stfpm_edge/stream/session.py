@@ -44,9 +44,13 @@ def run_session(s: Session, progress: bool = True) -> tuple[Path, dict[str, Any]
     if area.save_video is not None:
         check_video_path(area.save_video)
     sinks = [make_sink(url) for url in s.sinks]  # every URL and its options checked before anything connects
+    if area.ui and s.line_scan is not None:
+        raise StfpmError("--ui shows area-scan runs; a line-scan run reports through tiles.jsonl, its heat strip and --sink")
+    if area.ui:
+        from .station import check_ui
+
+        check_ui(area.ui, area.ui_token)
     if s.line_scan is not None:
-        if area.ui:
-            raise StfpmError("--ui shows area-scan runs; a line-scan run reports through tiles.jsonl, its heat strip and --sink")
         s.line_scan.sinks = sinks
     else:
         area.sinks = sinks

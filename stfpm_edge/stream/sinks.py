@@ -92,6 +92,9 @@ class Sink(Output):
         self._queue: deque = deque()
         self._cv = threading.Condition()
         self._closing = False
+        self._inflight = 0  # 1 while the thread delivers a message taken off the queue
+        self._abandoned = False  # set by close: the summary is taken, a late delivery is not counted again
+        self.try_s = 5.0  # the longest one delivery try can take (subclasses set it from their timeouts)
         self._deadline = float("inf")  # perf_counter after which nothing more is tried (set by close)
         self._thread = threading.Thread(target=self._run, name=f"sink-{type(self).__name__}", daemon=True)
 
@@ -126,10 +129,12 @@ class Sink(Output):
             self._closing = True
             self._deadline = time.perf_counter() + self.drain_s
             self._cv.notify()
-        self._thread.join(self.drain_s + 5.0)
+        self._thread.join(self.drain_s + self.try_s + 1.0)
         with self._cv:
-            self.dropped += len(self._queue)
+            self.dropped += len(self._queue) + self._inflight  # a delivery still hanging past its time counts as dropped, once
             self._queue.clear()
+            self._inflight = 0
+            self._abandoned = True
         try:
             self._close()
         except Exception as exc:  # a peer that is gone at the end: already counted
@@ -138,7 +143,7 @@ class Sink(Output):
     def stats(self) -> dict[str, Any]:
         with self._cv:
             out = {"sink": self.name, "send": self.send, "offered": self.offered, "sent": self.sent, "failed": self.failed,
-                   "dropped": self.dropped, "queued": len(self._queue), "latency_ms": percentiles(self.latency) if self.latency else None}
+                   "dropped": self.dropped, "queued": len(self._queue) + self._inflight, "latency_ms": percentiles(self.latency) if self.latency else None}
         if self.last_error:
             out["last_error"] = self.last_error
         return out
@@ -152,24 +157,28 @@ class Sink(Output):
                 if not self._queue:
                     return
                 message, captured = self._queue.popleft()
+                if self._give_up():  # the run has ended and the drain time is over: what is left is dropped, untried
+                    self.dropped += 1 + len(self._queue)
+                    self._queue.clear()
+                    return
+                self._inflight = 1
+            outcome, error, delivered = "sent", None, 0.0
             try:
                 delivered = self._deliver(message)
             except Undelivered as exc:
-                with self._cv:
-                    if exc.dropped:
-                        self.dropped += 1
-                    else:
-                        self.failed += 1
-                    self.last_error = mask_secrets(str(exc))
-                continue
+                outcome, error = ("dropped" if exc.dropped else "failed"), str(exc)
             except Exception as exc:  # a library error is a failed message, never a dead sink
-                with self._cv:
-                    self.failed += 1
-                    self.last_error = mask_secrets(f"{type(exc).__name__}: {exc}")
-                continue
+                outcome, error = "failed", f"{type(exc).__name__}: {exc}"
             with self._cv:
-                self.sent += 1
-                self.latency.append((delivered - captured) * 1e3)
+                if self._abandoned:  # close() already counted this one
+                    return
+                self._inflight = 0
+                if outcome == "sent":
+                    self.sent += 1
+                    self.latency.append((delivered - captured) * 1e3)
+                else:
+                    setattr(self, outcome, getattr(self, outcome) + 1)
+                    self.last_error = mask_secrets(error)
 
     def _give_up(self) -> bool:
         """True once the run has ended and the drain time is over."""
@@ -293,7 +302,9 @@ class ModbusSink(Sink):
             raise StfpmError(f"--sink {mask_secrets(url)}: pulse_ms must lie in (0, 10000]")
         super().__init__(url, "anomalous", q.get("queue", 100), q.get("drain_s", 5.0))
         self.host, self.port, self.timeout = u.hostname or "127.0.0.1", port or 502, q.get("timeout", 1.0)
+        self.try_s = 2 * self.timeout + 2 * self.pulse_s
         self.pulses = 0
+        self.stuck_on = False  # the coil was set and the reset has not been acknowledged yet
         try:
             import pymodbus.client  # noqa: F401  (checked now, before the run starts)
         except ImportError:
@@ -312,21 +323,29 @@ class ModbusSink(Sink):
             raise Undelivered(f"PLC refused coil {self.coil} := {value}: {rr}")
 
     def _deliver(self, message: dict) -> float:
+        if self.stuck_on:  # the last pulse's "off" did not reach the PLC: end it before anything else
+            self._write(False)
+            self.stuck_on = False
         self._write(True)
         on = time.perf_counter()
+        self.stuck_on = True
         time.sleep(self.pulse_s)
-        try:
-            self._write(False)
-        finally:
-            self.pulses += 1
+        self._write(False)
+        self.stuck_on = False
+        self.pulses += 1
         time.sleep(self.pulse_s)
         return on
 
     def _close(self) -> None:
-        self.client.close()
+        try:
+            if self.stuck_on:  # never leave the reject coil on
+                self._write(False)
+                self.stuck_on = False
+        finally:
+            self.client.close()
 
     def stats(self) -> dict[str, Any]:
-        return {**super().stats(), "coil": self.coil, "pulse_ms": self.pulse_s * 1e3}
+        return {**super().stats(), "coil": self.coil, "pulse_ms": self.pulse_s * 1e3, "coil_left_on": self.stuck_on}
 
 
 class WebhookSink(Sink):
@@ -340,6 +359,7 @@ class WebhookSink(Sink):
         self.timeout, self.retries = q.get("timeout", 2.0), q.get("retries", 2)
         if self.timeout <= 0 or self.retries < 0:
             raise StfpmError(f"--sink {self.name}: timeout must be > 0 and retries >= 0")
+        self.try_s = self.timeout
         kept = [(k, v) for k, v in urllib.parse.parse_qsl(u.query, keep_blank_values=True) if k not in q]
         self.target = urllib.parse.urlunsplit((u.scheme, u.netloc, u.path or "/", urllib.parse.urlencode(kept), ""))
         self.headers = {"Content-Type": "application/json", "User-Agent": "stfpm-edge"}

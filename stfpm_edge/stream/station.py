@@ -62,14 +62,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_ui(bind: str, token: str | None) -> tuple[str, int]:
+    """(host, port) of a --ui bind, refused when it reaches beyond this machine without a token."""
+    host, port = parse_bind(bind)
+    if not is_loopback(host) and not token:
+        raise StfpmError(f"--ui {bind}: serving beyond this machine needs a token for changes (--ui-token or STFPM_UI_TOKEN)")
+    return host, port
+
+
 class Station(Output):
     """An ``Output`` of the area-scan loop that also serves the page; ``start()`` binds the port."""
 
     def __init__(self, bind: str, run_dir: Path, counters, inspector, events: list, token: str | None = None, title: str = ""):
-        self.host, self.port = parse_bind(bind)
+        self.host, self.port = check_ui(bind, token)
         self.loopback = is_loopback(self.host)
-        if not self.loopback and not token:
-            raise StfpmError(f"--ui {bind}: serving beyond this machine needs a token for changes (--ui-token or STFPM_UI_TOKEN)")
         self.run_dir, self.counters, self.inspector, self.events, self.token, self.title = run_dir, counters, inspector, events, token, title
         self._lock = threading.Lock()
         self._jpeg: bytes | None = None
@@ -279,9 +285,9 @@ PAGE = """<!doctype html>
  header h1{font-size:18px;margin:0} #status{color:#8c8}
  main{display:grid;grid-template-columns:minmax(0,2fr) minmax(260px,1fr);gap:12px;padding:12px}
  .tile{background:#1b1b1b;border:1px solid #333;border-radius:6px;padding:8px}
- #live{width:100%;background:#000;min-height:200px;display:block}
+ #live{width:100%;max-height:calc(100vh - 90px);object-fit:contain;background:#000;min-height:200px;display:block}
  table{border-collapse:collapse;width:100%} td{padding:3px 6px;border-bottom:1px solid #2a2a2a} td.v{text-align:right;font-variant-numeric:tabular-nums}
- #gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(120px,1fr));gap:6px;margin-top:8px}
+ #gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(110px,1fr));gap:6px;margin-top:8px;max-height:calc(100vh - 470px);min-height:130px;overflow-y:auto}
  #gallery figure{margin:0;cursor:pointer} #gallery img{width:100%;display:block;border:2px solid #c33}
  #gallery figcaption{font-size:12px;color:#bbb}
  #big{position:fixed;inset:0;background:rgba(0,0,0,.9);display:none;align-items:center;justify-content:center;gap:10px}
@@ -307,8 +313,8 @@ PAGE = """<!doctype html>
    <button id="check">preview</button> <button id="apply" disabled>apply</button>
    <div id="preview"></div>
   </div>
+  <div class="tile" style="margin-top:12px"><b>latest anomalies</b> (click to enlarge)<div id="gallery"></div></div>
  </section>
- <section class="tile" style="grid-column:1/-1"><b>latest anomalies</b> (click to enlarge)<div id="gallery"></div></section>
 </main>
 <div id="big" title="click to close"></div>
 <script>
@@ -323,7 +329,7 @@ async function refresh() {
     const l = s.latency_ms.end_to_end || s.latency_ms.inference;
     $('latency').textContent = l ? `${l.p50.toFixed(1)} / ${l.p99.toFixed(1)}` : '–';
     $('threshold').textContent = fmt(s.threshold) + (s.threshold !== s.model_threshold ? ` (model: ${fmt(s.model_threshold)})` : '');
-    if ($('thr').value === '') $('thr').value = s.threshold;
+    if ($('thr').value === '' && s.threshold !== null) $('thr').value = Number(s.threshold.toPrecision(4));
     $('status').textContent = s.running ? 'running' : 'stopped';
     const key = s.gallery.map(g => g.frame).join(',');
     if (key !== shown) {
