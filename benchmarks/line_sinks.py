@@ -24,7 +24,6 @@ import urllib.request
 from pathlib import Path
 
 import cv2
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.line_peers import Broker, Plc, Subscriber, Webhook, free_port, wait_port  # noqa: E402
