@@ -322,6 +322,44 @@ def run(
     typer.echo(f"results: {out}")
 
 
+@command("triton-repo", help="Write a Triton Inference Server model repository (config.pbtxt + model) that the official container serves as is.")
+def triton_repo(
+    models: List[Path] = typer.Argument(..., help=".pt (exported for you with a free batch and verified), an .onnx exported with --dynamic, "
+                                                  "or a TensorRT .engine/.plan built with --max-batch"),
+    out: Path = typer.Option(Path("triton-models"), "--out", help="the repository folder (created; a model already there is replaced once the new one is complete)"),
+    name: List[str] = typer.Option([], "--name", help="model name, once per model in order [default: the model's folder name, e.g. runs/bottle -> bottle]"),
+    max_batch: int = typer.Option(8, "--max-batch", help="largest batch Triton's dynamic batcher forms"),
+    queue_delay_us: int = typer.Option(500, "--queue-delay-us", help="how long the batcher waits to fill a batch (microseconds)"),
+    instances: int = typer.Option(1, "--instances", help="model instances (instance_group count)"),
+    kind: str = typer.Option("auto", "--kind", help="instance_group kind: auto, cpu or gpu"),
+    data: Optional[Path] = typer.Option(None, "--data", help=".pt only: data for the export's verification [default: the checkpoint's training data]"),
+):
+    from .serve.repo import RepoOptions, write_repository
+
+    opts = RepoOptions(max_batch, queue_delay_us, instances, kind)
+    opts.check()
+    if name and len(name) != len(models):
+        raise StfpmError(f"--name given {len(name)} time(s) for {len(models)} model(s): give one per model, or none")
+    names = list(name) or [m.resolve().parent.name for m in models]
+    if len(set(names)) != len(names):
+        raise StfpmError(f"two models would share the name {sorted(n for n in names if names.count(n) > 1)[0]!r}: give --name for each")
+    for model, model_name in zip(models, names):
+        if model.suffix.lower() == ".pt":
+            import tempfile
+
+            from .export.onnx_export import export_verified
+
+            with tempfile.TemporaryDirectory(prefix="stfpm-triton-") as tmp:
+                onnx_path = Path(tmp) / "model.onnx"
+                export_verified(model, onnx_path, dynamic=True, data=data)
+                folder = write_repository(onnx_path, out, model_name, opts)
+        else:
+            folder = write_repository(model, out, model_name, opts)
+        typer.echo(f"wrote {folder}/config.pbtxt and {folder}/1/")
+    typer.echo(f"serve it: docker run --rm -p8000:8000 -p8001:8001 -p8002:8002 -v {out.resolve()}:/models "
+               f"nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models   (add --gpus=1 for a GPU)")
+
+
 @command(help="The whole job on GENERATED data: train briefly, export, run a video and a line-scan web, write a report.")
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="folder for everything the demo writes"),
@@ -343,6 +381,7 @@ def build(
     timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="reuse and update this timing cache file (faster rebuilds)"),
     dla_core: Optional[int] = typer.Option(None, "--dla-core", help="build for this DLA core (Jetson AGX/NX), GPU fallback on"),
     out: Path = typer.Option(Path("engines"), "--out", help="folder for the engine and its sidecar"),
+    max_batch: int = typer.Option(1, "--max-batch", min=1, max=1024, help="a graph exported with --dynamic: build an optimisation profile for batches 1..N (Triton)"),
     trtexec: Optional[str] = typer.Option(None, "--trtexec", help="only print the equivalent trtexec command for TensorRT 'weak' (8.6, 10.x) or 'strong' (11.x) typing; needs no TensorRT"),
 ):
     from .engines.trt_build import BuildOptions, build_engine, trtexec_command
@@ -354,7 +393,7 @@ def build(
             raise StfpmError(f"{onnx_file}: ONNX file not found")
         typer.echo(trtexec_command(onnx_file, precision, trtexec == "weak"))
         return
-    path, side = build_engine(onnx_file, out, BuildOptions(precision, workspace, str(timing_cache) if timing_cache else None, dla_core))
+    path, side = build_engine(onnx_file, out, BuildOptions(precision, workspace, str(timing_cache) if timing_cache else None, dla_core, max_batch))
     typer.echo(f"wrote {path} (TensorRT {side['tensorrt_version']}, {side['gpu']['name']} sm {side['gpu']['compute_capability']}, {precision}) and {path.name}.json")
 
 

@@ -98,11 +98,21 @@ def make_fake_trt(version: str, dla_cores: int = 0, build_fails: bool = False):
         def serialize(self):
             return b"timing-cache:" + bytes(self.data)
 
+    class Profile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, lo, opt, hi):
+            self.shapes[name] = (lo, opt, hi)
+
     class Config:
-        __slots__ = ("flags", "pool", "default_device_type", "DLA_core", "cache")
+        __slots__ = ("flags", "pool", "default_device_type", "DLA_core", "cache", "profiles")
 
         def __init__(self):
-            self.flags, self.pool, self.cache = [], {}, None
+            self.flags, self.pool, self.cache, self.profiles = [], {}, None, []
+
+        def add_optimization_profile(self, profile):
+            self.profiles.append(profile)
 
         def set_flag(self, flag):
             trt.calls.append(("set_flag", flag))
@@ -128,6 +138,9 @@ def make_fake_trt(version: str, dla_cores: int = 0, build_fails: bool = False):
             trt.calls.append(("create_network", flags))
             trt.network = Network(flags)
             return trt.network
+
+        def create_optimization_profile(self):
+            return Profile()
 
         def create_builder_config(self):
             trt.config = Config()

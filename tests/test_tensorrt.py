@@ -148,3 +148,20 @@ def test_trtexec_equivalent_commands(variants):
     assert trtexec_command(variants / "model_int8.onnx", "int8", True).endswith("--saveEngine=model_int8.engine --int8")
     strong = trtexec_command(variants / "model_fp16.onnx", "fp16", weak_typing=False)
     assert strong == f"trtexec --onnx={variants / 'model_fp16.onnx'} --saveEngine=model_fp16.engine"
+
+
+def test_dynamic_graph_gets_an_optimisation_profile_for_tritons_batcher(tiny_run, variants, tmp_path):
+    from stfpm_edge.export.onnx_export import export_onnx
+    from stfpm_edge.serve.repo import RepoOptions, write_repository
+
+    dyn = tmp_path / "model.onnx"
+    export_onnx(tiny_run[0] / "model.pt", dyn, dynamic=True)
+    trt = make_fake_trt("10.3.0")
+    path, side = build_engine(dyn, tmp_path / "e", BuildOptions("fp16", max_batch=8), trt=trt, gpu=GPU)
+    (lo, opt, hi), = [p.shapes["frames"] for p in trt.config.profiles]
+    assert lo[0] == 1 and opt[0] == hi[0] == 8 and lo[1:] == hi[1:] == (64, 64, 3)
+    assert side["build_options"]["max_batch"] == 8
+    folder = write_repository(path, tmp_path / "repo", "m", RepoOptions(max_batch=8))
+    assert (folder / "1" / "model.plan").is_file()
+    with pytest.raises(StfpmError, match="--dynamic"):
+        build_engine(variants / "model.onnx", tmp_path / "e2", BuildOptions("fp16", max_batch=4), trt=make_fake_trt("10.3.0"), gpu=GPU)

@@ -97,6 +97,7 @@ class BuildOptions:
     workspace_mb: int = 1024
     timing_cache: str | None = None
     dla_core: int | None = None
+    max_batch: int = 1  # a graph exported with a free batch (--dynamic) gets an optimisation profile 1..max_batch
 
 
 def plan_build(features: TrtFeatures, onnx_precision: str, options: BuildOptions) -> dict[str, Any]:
@@ -158,6 +159,15 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path = "engines", options
         raise ModelFileError(f"{onnx_path}: TensorRT {features.version} cannot parse it: " + "; ".join(errors[:5]))
 
     config = builder.create_builder_config()
+    if meta.get("batch") == "dynamic":  # a free batch dimension needs an optimisation profile (Triton's batcher: 1..max)
+        geo = meta["geometry"]
+        shape = lambda n: (n, int(geo["height"]), int(geo["width"]), 3)  # noqa: E731
+        profile = builder.create_optimization_profile()
+        profile.set_shape("frames", shape(1), shape(options.max_batch), shape(options.max_batch))
+        config.add_optimization_profile(profile)
+    elif options.max_batch > int(meta.get("batch") or 1):
+        raise StfpmError(f"{onnx_path}: exported with a fixed batch of {meta.get('batch')}; --max-batch {options.max_batch} needs "
+                         "`stfpm-edge export MODEL.pt --dynamic`")
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_mb) << 20)
     for flag in plan["flags"]:
         config.set_flag(getattr(trt.BuilderFlag, flag))
