@@ -360,6 +360,39 @@ def triton_repo(
                f"nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models   (add --gpus=1 for a GPU)")
 
 
+@command(help="Serve a model with a real Triton Inference Server (PyTriton bundles it): gRPC, HTTP, health, metadata and Prometheus metrics, "
+              "our engine behind Triton's dynamic batcher. Binds to 127.0.0.1 unless --host says otherwise.")
+def serve(
+    model: Path = typer.Argument(..., help=".onnx (export with --dynamic so that Triton can batch) or a TensorRT .engine"),
+    name: str = typer.Option("stfpm", "--name", help="the model's name on the server (clients use grpc://host:8001/NAME)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on; 0.0.0.0 serves every interface (Triton has no authentication: use a trusted network)"),
+    http_port: int = typer.Option(8000, "--http-port"),
+    grpc_port: int = typer.Option(8001, "--grpc-port"),
+    metrics_port: int = typer.Option(8002, "--metrics-port", help="Prometheus metrics (GET /metrics)"),
+    max_batch: int = typer.Option(8, "--max-batch", help="largest batch the dynamic batcher forms"),
+    queue_delay_us: int = typer.Option(500, "--queue-delay-us", help="how long the batcher waits to fill a batch (microseconds)"),
+    instances: int = typer.Option(1, "--instances", help="engines behind the batcher (each runs batches on its own thread)"),
+    threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime threads per instance (0 = default)"),
+    log_file: Optional[Path] = typer.Option(None, "--log-file", help="Triton's own log [default: the terminal]"),
+):
+    import signal
+    import threading
+
+    from .serve.server import ServeOptions
+    from .serve.server import serve as run_server
+
+    opts = ServeOptions(name, host, http_port, grpc_port, metrics_port, max_batch, queue_delay_us, instances, threads, log_file)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def ready(endpoints: dict) -> None:
+        typer.echo(f"serving {model} as {name!r}: {endpoints['grpc']} | {endpoints['http']} | metrics {endpoints['metrics']}  (Ctrl-C stops)")
+
+    run_server(model, opts, stop, ready)
+    typer.echo("stopped")
+
+
 @command(help="The whole job on GENERATED data: train briefly, export, run a video and a line-scan web, write a report.")
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="folder for everything the demo writes"),

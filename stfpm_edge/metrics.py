@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+from sklearn.metrics import auc as sk_auc
 from sklearn.metrics import f1_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from .scoring import is_anomalous
@@ -64,7 +65,7 @@ def aupro(maps: np.ndarray, masks: np.ndarray, valid: np.ndarray | None = None, 
     keep = fpr <= fpr_limit
     x = np.concatenate([fpr[keep], [fpr_limit]])
     y = np.concatenate([pro[keep], [np.interp(fpr_limit, fpr, pro)]])
-    return float(np.trapezoid(y, x) / fpr_limit)
+    return float(sk_auc(x, y) / fpr_limit)  # the trapezoid rule (works on NumPy 1 and 2)
 
 
 def evaluate_scores(

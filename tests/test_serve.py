@@ -1,7 +1,15 @@
 """Serving (issue 12): the Triton model repository and its config, parsed with Triton's own protobuf."""
 
+import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -92,3 +100,97 @@ def test_cli_writes_a_repository_from_a_checkpoint_and_replaces_a_model_whole(ti
     assert sorted(p.name for p in repo.iterdir()) == ["a", "b"]  # no staging or old copies left
     result = runner.invoke(app, ["triton-repo", str(dynamic_onnx), str(dynamic_onnx), "--out", str(repo)])
     assert result.exit_code == 2 and "share the name" in result.output
+
+
+# -- a live server: `stfpm-edge serve` (PyTriton's bundled tritonserver) on loopback, and the Triton client engine
+
+class Server:
+    def __init__(self, model, tmp_path, name="stfpm", max_batch=8):
+        from tests.line_peers import free_port
+
+        self.model, self.name, self.log = model, name, tmp_path / f"serve-{name}.log"
+        self.ports = [free_port() for _ in range(3)]
+        self.cmd = [sys.executable, "-m", "stfpm_edge.cli", "serve", str(model), "--name", name, "--http-port", str(self.ports[0]),
+                    "--grpc-port", str(self.ports[1]), "--metrics-port", str(self.ports[2]), "--max-batch", str(max_batch),
+                    "--queue-delay-us", "2000", "--threads", "1"]
+        self.proc = None
+
+    @property
+    def grpc(self):
+        return f"grpc://127.0.0.1:{self.ports[1]}/{self.name}"
+
+    def start(self, timeout=90):
+        import tritonclient.grpc as g
+
+        self.proc = subprocess.Popen(self.cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        client = g.InferenceServerClient(f"127.0.0.1:{self.ports[1]}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.proc.returncode}: {self.log.read_text()[-3000:]}")
+            try:
+                if client.is_model_ready(self.name):
+                    return self
+            except Exception:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"serve did not get ready in {timeout} s: {self.log.read_text()[-3000:]}")
+
+    def kill(self):
+        """SIGKILL to serve and everything it started (tritonserver, PyTriton's proxies): the server is gone at once."""
+        if self.proc is not None:
+            _killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.proc is not None:
+            _killpg(self.proc.pid, signal.SIGKILL)  # anything of the group still alive
+            self.proc.wait(30)
+
+
+def _killpg(pgid, sig):
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+needs_pytriton = pytest.mark.skipif(importlib.util.find_spec("pytriton") is None, reason="PyTriton is not installed (the [serve] extra)")
+
+
+@needs_pytriton
+def test_serve_answers_like_the_local_model_and_a_dead_server_fails_frames_not_the_run(dynamic_onnx, tmp_path):
+    from stfpm_edge.engines import open_engine
+    from stfpm_edge.stream.pipeline import RunOptions, run_stream
+    from stfpm_edge.stream.sources import open_source
+    from tests.stream_fakes import _records, _write_video
+
+    server = Server(dynamic_onnx, tmp_path).start()
+    try:
+        rng = np.random.default_rng(0)
+        with open_engine(dynamic_onnx) as local, open_engine(server.grpc) as remote:
+            assert remote.geometry == local.geometry and remote.threshold == local.threshold
+            assert remote.meta["source_checkpoint"]["sha256"] == local.meta["source_checkpoint"]["sha256"]
+            frames = rng.integers(0, 256, (5, local.geometry.height, local.geometry.width, 3), dtype=np.uint8)
+            (lm, ls), (rm, rs) = local.infer(frames), remote.infer(frames)
+            assert np.abs(ls - rs).max() <= 1e-5 and np.abs(lm - rm).max() <= 1e-5
+        video = tmp_path / "v.mp4"
+        _write_video(video, 60, bad={7}, size=(64, 64))
+        stop_at = threading.Timer(1.0, server.kill)
+        stop_at.start()
+        summary = run_stream(lambda: open_engine(server.grpc, timeout_s=2), open_source(str(video)), RunOptions(tmp_path / "o", pace_fps=20))
+        stop_at.join()
+        assert summary["frames_read"] == 60 == summary["frames_inspected"] + summary["frames_failed"]
+        assert summary["frames_inspected"] > 0 and summary["frames_failed"] > 0  # the gap's frames are failed, the run goes on
+        assert len(_records(tmp_path / "o")) == 60
+        assert any("server unavailable" in r.get("error", "") or "127.0.0.1" in r.get("error", "") for r in _records(tmp_path / "o"))
+        with pytest.raises(StfpmError, match="did not give the model's config"):  # opening a dead server: one clear line
+            open_engine(server.grpc, timeout_s=1)
+    finally:
+        server.stop()

@@ -4,6 +4,6 @@ Importing this package imports neither torch nor onnxruntime nor tensorrt; each 
 its runtime when it is opened.
 """
 
-from .base import Engine, FrameError, engine_options, open_engine
+from .base import Engine, EngineUnavailable, FrameError, engine_options, open_engine
 
-__all__ = ["Engine", "FrameError", "engine_options", "open_engine"]
+__all__ = ["Engine", "EngineUnavailable", "FrameError", "engine_options", "open_engine"]

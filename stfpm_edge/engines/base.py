@@ -22,6 +22,11 @@ class FrameError(StfpmError):
     """Frames handed to ``infer`` do not match what the model expects."""
 
 
+class EngineUnavailable(StfpmError):
+    """This call could not be served (a remote server away or timed out); later calls may succeed.
+    The camera loop counts the frame failed and goes on."""
+
+
 class Engine:
     name = "base"
     OPTIONS: tuple[str, ...] = ()  # keyword options the backend takes; open_engine routes only these
@@ -81,8 +86,19 @@ _BACKENDS = {
 }
 
 
+def _served(path) -> bool:
+    """``grpc://host:port/name`` / ``http://...`` (also as ``Path`` mangles it: ``grpc:/host...``): a model served by Triton."""
+    import re
+
+    return re.match(r"^(grpc|https?):/", str(path), re.IGNORECASE) is not None
+
+
 def backend_class(path: str | Path) -> type[Engine]:
-    """The backend class for a model file, by suffix; imports its module (not its runtime)."""
+    """The backend class for a model file, by suffix (or a served model's URL); imports its module (not its runtime)."""
+    if _served(path):
+        from .triton_engine import TritonEngine
+
+        return TritonEngine
     path = Path(path)
     target = _BACKENDS.get(path.suffix.lower())
     if target is None:
@@ -104,9 +120,9 @@ def engine_options(path: str | Path, **options: Any) -> dict[str, Any]:
     One the backend does not take, set to a non-default value, is an error naming the backends that
     take it, never silently ignored. Opens nothing, so callers can check before starting work.
     """
-    path = Path(path)
     cls = backend_class(path)
-    if not path.is_file():
+    path = Path(path)
+    if not _served(path) and not path.is_file():
         raise ModelFileError(f"{path}: model file not found")
     foreign = sorted(k for k, v in options.items() if k not in cls.OPTIONS and v not in (None, False, 0, ""))
     if foreign:
@@ -119,4 +135,5 @@ def engine_options(path: str | Path, **options: Any) -> dict[str, Any]:
 def open_engine(path: str | Path, **options: Any) -> Engine:
     """Open a model file with the backend its suffix names (``.pt``, ``.onnx``, ``.engine``/``.plan``),
     passing it the options it takes (see ``engine_options``)."""
-    return backend_class(path)(Path(path), **engine_options(path, **options))
+    target = path if _served(path) else Path(path)
+    return backend_class(path)(target, **engine_options(path, **options))

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..engines.base import EngineUnavailable
 from ..scoring import normalized_score, verdict
 from .capture import END
 from .sources import Frame
@@ -92,7 +93,11 @@ class Inspector:
             frame.error = str(exc)
             return Inspection(frame, None, lat, arrival)
         t1 = time.perf_counter()
-        maps, scores = engine.infer(fitted)
+        try:
+            maps, scores = engine.infer(fitted)
+        except EngineUnavailable as exc:  # a served model away for a moment: this frame fails, the run goes on
+            frame.error = str(exc)
+            return Inspection(frame, None, lat, arrival)
         t2 = time.perf_counter()
         score, thr = float(scores[0]), self.threshold
         result = Result(score, float(normalized_score(score, thr)), verdict(score, thr), maps[0], thr)

@@ -79,12 +79,15 @@ class CaptureSource(Source):
 
     def _open(self):
         # OpenCV logs every backend it tries when a device is missing; our error says it once
-        level = cv2.utils.logging.getLogLevel()
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+        log = getattr(cv2.utils, "logging", None)  # OpenCV 5; 4.x builds may lack it (then OpenCV may say more)
+        level = log.getLogLevel() if log is not None else None
+        if log is not None:
+            log.setLogLevel(log.LOG_LEVEL_SILENT)
         try:
             cap = cv2.VideoCapture(self._target, self._api)
         finally:
-            cv2.utils.logging.setLogLevel(level)
+            if log is not None:
+                log.setLogLevel(level)
         if not cap.isOpened():
             cap.release()
             return None
