@@ -128,7 +128,7 @@ def train(
 
 @command("eval", help="Evaluate a model (.pt, .onnx, ...) on a data set's test split, at the model's own threshold.")
 def eval_cmd(
-    model: Path = typer.Argument(..., help="model.pt from train, or an exported .onnx"),
+    model: Path = typer.Argument(..., help="model.pt from train, an exported .onnx, an engine, or a served model grpc://host:8001/NAME"),
     data: Path = typer.Option(..., "--data", help="data set folder (same layouts as train)"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for metrics.json, scores.csv, roc.png, overlays/ [default: next to the model, eval-<data>]"),
     overlays: int = typer.Option(12, help="heat-map overlays to save"),
@@ -141,7 +141,9 @@ def eval_cmd(
         seed = (engine.meta.get("config") or {}).get("seed", 0)
         dataset = discover(data, seed=seed)
         result = evaluate(engine.infer, dataset.test, engine.geometry, engine.threshold)
-        out = out or model.parent / f"eval-{dataset.name}-{model.suffix.lstrip('.')}"
+        if out is None:  # next to the model file; a served model's results go to runs/
+            out = (Path("runs") / f"eval-{dataset.name}-triton-{engine.model_name}" if engine.name == "triton"
+                   else model.parent / f"eval-{dataset.name}-{model.suffix.lstrip('.')}")
         write_outputs(result, out, engine.geometry, engine.threshold, dataset, overlays, extra={"backbone": engine.meta.get("backbone"), "model": str(model), "engine": engine.name})
     _print_metrics(result.metrics)
     typer.echo(f"results: {out}")
@@ -270,7 +272,7 @@ def _roi(value: Optional[str]):
 
 @command(help="Inspect a camera stream, video, URL, GStreamer pipeline, image folder or glob in real time.")
 def run(
-    model: Path = typer.Argument(..., help=".pt, .onnx or .engine"),
+    model: Path = typer.Argument(..., help=".pt, .onnx or .engine, or a model served by Triton: grpc://host:8001/NAME (http://host:8000/NAME)"),
     source: str = typer.Option(..., "--source", help="camera index (0), video file, rtsp://... or http://..., a GStreamer pipeline (contains '!'), an image folder or a glob"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for frames.jsonl, summary.json, anomalies/, video; one folder per run [default: runs/inspect-<time>]"),
     roi: Optional[str] = typer.Option(None, help="x,y,w,h crop of the source frame before resizing to the model size"),

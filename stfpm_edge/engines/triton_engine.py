@@ -4,7 +4,7 @@
 Geometry, threshold and the rest of the metadata come from the served model's config parameters
 (written by ``triton-repo`` and ``serve``). Every call has a bounded timeout. A server that goes away
 makes frames fail (``EngineUnavailable``: the caller counts the frame failed and goes on), never the
-process; after a failure the engine waits a bounded, growing pause (0.2 s .. 5 s) before trying the
+process; after a failure the engine waits a bounded, growing pause (0.2 s .. 2 s) before trying the
 server again, so a dead server costs no time per frame.
 """
 
@@ -84,6 +84,10 @@ class TritonEngine(Engine):
             pass
 
     def _infer(self, frames: np.ndarray):
+        most = self.meta["served"]["max_batch_size"]
+        if most and len(frames) > most:  # the server's batch limit: send it in parts
+            parts = [self._infer(frames[i : i + most]) for i in range(0, len(frames), most)]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         now = time.monotonic()
         if now < self._pause_until:
             raise EngineUnavailable(f"{mask_secrets(self.url)}: server unavailable, retrying in {self._pause_until - now:.1f} s")
@@ -101,7 +105,7 @@ class TritonEngine(Engine):
         except Exception as exc:
             self.failed_calls += 1
             self._failures += 1
-            self._pause_until = time.monotonic() + min(5.0, 0.2 * 2 ** (self._failures - 1))
+            self._pause_until = time.monotonic() + min(2.0, 0.2 * 2 ** (self._failures - 1))
             raise EngineUnavailable(f"{mask_secrets(self.url)}: {_short(exc)}") from None
         self._failures = 0
         if maps is None or scores is None:
