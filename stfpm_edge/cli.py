@@ -273,7 +273,8 @@ def _roi(value: Optional[str]):
 @command(help="Inspect a camera stream, video, URL, GStreamer pipeline, image folder or glob in real time.")
 def run(
     model: Path = typer.Argument(..., help=".pt, .onnx or .engine, or a model served by Triton: grpc://host:8001/NAME (http://host:8000/NAME)"),
-    source: str = typer.Option(..., "--source", help="camera index (0), video file, rtsp://... or http://..., a GStreamer pipeline (contains '!'), an image folder or a glob"),
+    source: List[str] = typer.Option(..., "--source", help="camera index (0), video file, rtsp://... or http://..., a GStreamer pipeline (contains '!'), "
+                                     "an image folder or a glob; repeat it for several cameras: one capture thread each, their frames batched into one engine call"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for frames.jsonl, summary.json, anomalies/, video; one folder per run [default: runs/inspect-<time>]"),
     roi: Optional[str] = typer.Option(None, help="x,y,w,h crop of the source frame before resizing to the model size"),
     save_video: Optional[Path] = typer.Option(None, "--save-video", help="write the annotated stream to this .mp4"),
@@ -292,16 +293,20 @@ def run(
                                    "see README 'Connecting to the line'"),
     ui: Optional[str] = typer.Option(None, "--ui", help="serve the operator station at host:port (e.g. 127.0.0.1:8080; loopback unless you name another address)"),
     ui_token: Optional[str] = typer.Option(None, "--ui-token", envvar="STFPM_UI_TOKEN", help="token the station asks for before a change; required for a non-loopback --ui"),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", min=0, max=65535, help="serve live Prometheus metrics (frames per source and state, FPS, stage latency histograms) on this port"),
+    metrics_host: str = typer.Option("127.0.0.1", "--metrics-host", help="address for --metrics-port (loopback unless you name another)"),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="several sources: most frames per engine call [default: one per source; 1 = no batching]"),
     pace: Optional[float] = typer.Option(None, "--pace", min=0.1, help="read a video or image folder at most this many frames per second, as a camera would deliver it"),
 ):
     from .stream.linescan import LineScanOptions
     from .stream.pipeline import RunOptions
     from .stream.session import Session, run_session
 
-    session = Session(model, source, out, {"threads": threads, "build_if_stale": build_if_stale, "zero_copy": zero_copy},
+    session = Session(model, source[0] if len(source) == 1 else list(source), out, {"threads": threads, "build_if_stale": build_if_stale, "zero_copy": zero_copy},
                       LineScanOptions(Path(), scale=scale, overlap=overlap, mm_per_row=mm_per_row) if line_scan else None,
                       RunOptions(Path(), roi=_roi(roi), save_video=save_video, save_anomalies=save_anomalies, show=show, max_frames=max_frames,
-                                 pace_fps=pace, ui=ui, ui_token=ui_token),
+                                 pace_fps=pace, ui=ui, ui_token=ui_token, max_batch=max_batch,
+                                 metrics_port=metrics_port, metrics_host=metrics_host),
                       sinks=list(sink))
     out, summary = run_session(session)
     if line_scan:
@@ -316,6 +321,9 @@ def run(
         for stage in ("preprocess", "inference", "output", "end_to_end"):
             if stage in lat:
                 typer.echo(f"  {stage:>11}: p50 {lat[stage]['p50']:.1f} ms, p99 {lat[stage]['p99']:.1f} ms")
+        for per in summary.get("sources", []):
+            typer.echo(f"  {per['source']}: read {per['frames_read']} | inspected {per['frames_inspected']} | dropped {per['frames_dropped']} | "
+                       f"failed {per['frames_failed']} | anomalous {per['frames_anomalous']}")
     for st in summary.get("sinks", []):
         lat = st["latency_ms"]
         typer.echo(f"sink {st['sink']}: sent {st['sent']} | failed {st['failed']} | dropped {st['dropped']}"

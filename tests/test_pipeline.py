@@ -148,3 +148,110 @@ def test_anomaly_pictures_are_capped(tmp_path):
     kept = sorted(p.name for p in (tmp_path / "o" / "anomalies").iterdir())
     assert summary["frames_anomalous"] == 20 and summary["anomaly_files_rotated"] == 16
     assert kept == sorted(f"{i:06d}_{k}" for i in (32, 34, 36, 38) for k in ("overlay.jpg", "heatmap.png"))
+
+
+def test_several_sources_batched_into_one_engine_give_the_single_source_records(tmp_path):
+    bads = [{3, 17}, {5}, {0, 9, 29}]
+    videos = []
+    for i, bad in enumerate(bads):
+        videos.append(tmp_path / f"cam{i}.mp4")
+        _write_video(videos[-1], 30 + 5 * i, bad=bad)
+    singles = []
+    for i, v in enumerate(videos):
+        run_stream(lambda: DarkSpotEngine(), open_source(str(v)), RunOptions(tmp_path / f"single{i}"))
+        singles.append(_records(tmp_path / f"single{i}"))
+    engine = DarkSpotEngine()
+    summary = run_stream(lambda: engine, [open_source(str(v)) for v in videos], RunOptions(tmp_path / "multi"))
+    recs = _records(tmp_path / "multi")
+    total = sum(30 + 5 * i for i in range(3))
+    assert summary["frames_read"] == total == summary["frames_inspected"] and summary["accounted"]
+    assert engine.calls < total  # frames of several sources shared engine calls
+    for i, v in enumerate(videos):
+        mine = [r for r in recs if r["source"] == f"video {v}"]
+        strip = lambda rs: [(r["frame"], r["verdict"], r["score"]) for r in rs]  # noqa: E731
+        assert strip(mine) == strip(singles[i])  # verdicts never cross sources, order kept
+        per = summary["sources"][i]
+        assert per["source"] == f"video {v}" and per["frames_read"] == per["frames_inspected"] == 30 + 5 * i
+        assert per["frames_anomalous"] == len(bads[i])
+    pictures = sorted(p.name for p in (tmp_path / "multi" / "anomalies").glob("*_overlay.jpg"))
+    assert len(pictures) == sum(map(len, bads)) and pictures[0].startswith("s0-")
+
+
+def test_a_source_that_dies_does_not_stop_the_others(tmp_path):
+    video = tmp_path / "v.mp4"
+    _write_video(video, 40, bad={4})
+    cam = FlakyCamera()
+    cam.reopen = lambda: False  # this camera never comes back
+    summary = run_stream(lambda: DarkSpotEngine(), [cam, open_source(str(video))],
+                         RunOptions(tmp_path / "o", reconnect=Reconnect(max_attempts=1, backoff_s=0.01)))
+    flaky, good = summary["sources"]
+    assert flaky["frames_read"] == 10 and good["frames_read"] == 40 == good["frames_inspected"]
+    assert any(r.get("event") == "gave_up" for r in _records(tmp_path / "o"))
+
+
+def test_several_sources_refuse_single_source_outputs(tmp_path):
+    video = tmp_path / "v.mp4"
+    _write_video(video, 3)
+    with pytest.raises(StfpmError, match="take one source"):
+        run_stream(lambda: DarkSpotEngine(), [open_source(str(video)), open_source(str(video))],
+                   RunOptions(tmp_path / "o", save_video=tmp_path / "a.mp4"))
+
+
+def test_a_batch_cap_of_one_serves_every_source_in_turn(tmp_path):
+    from stfpm_edge.stream.capture import END, Mux
+
+    mux = Mux([False, False, False], max_batch=1)
+    ports = [mux.port(i) for i in range(3)]
+    for i, p in enumerate(ports):
+        p.put(f"a{i}")
+        p.put(f"b{i}")
+        p.put(END)
+    got = []
+    while (batch := mux.get_batch()) is not END:
+        assert len(batch) == 1
+        got.append(batch[0][1])
+    assert got == ["a0", "a1", "a2", "b0", "b1", "b2"]
+    mux = Mux([False, False], max_batch=None)
+    for p in (mux.port(0), mux.port(1)):
+        p.put("x")
+        p.put(END)
+    assert mux.get_batch() == [(0, "x"), (1, "x")] and mux.get_batch() is END
+
+
+def test_live_prometheus_metrics_per_source(tmp_path):
+    import urllib.request
+
+    parser = pytest.importorskip("prometheus_client.parser", reason="prometheus-client is not installed (the [serve] extra)")
+    from tests.line_peers import free_port
+
+    videos = []
+    for i in range(2):
+        videos.append(tmp_path / f"cam{i}.mp4")
+        _write_video(videos[-1], 60, bad={4, 40})
+    port = free_port()
+    scrapes = []
+
+    def scrape():
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    scrapes.append({(s.name, tuple(sorted(s.labels.items()))): s.value
+                                    for fam in parser.text_string_to_metric_families(r.read().decode()) for s in fam.samples})
+            except OSError:
+                pass
+            if len(scrapes) >= 2:
+                return
+            threading.Event().wait(0.5)
+
+    t = threading.Thread(target=scrape)
+    t.start()
+    summary = run_stream(lambda: DarkSpotEngine(), [open_source(str(v)) for v in videos], RunOptions(tmp_path / "o", pace_fps=30, metrics_port=port))
+    t.join()
+    assert len(scrapes) >= 2 and summary["metrics"].endswith(f":{port}/metrics")
+    last = scrapes[-1]
+    name = f"video {videos[1]}"
+    inspected = last[("stfpm_frames_total", (("source", name), ("state", "inspected")))]
+    assert 0 < inspected <= 60 and scrapes[0][("stfpm_frames_total", (("source", name), ("state", "inspected")))] <= inspected
+    # observed just before the frame is counted: a scrape may fall in between
+    assert inspected <= last[("stfpm_stage_latency_seconds_count", (("source", name), ("stage", "inference")))] <= inspected + 1
+    assert ("stfpm_fps", (("source", name),)) in last

@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,81 @@ class BlockingQueue:
             self._q.get(timeout=timeout)
         except queue.Empty:
             pass
+
+
+class Mux:
+    """The hand-over of several sources to one inference thread that batches across them.
+
+    Each source has a port: a live one keeps only its newest frame (a replaced frame is dropped
+    and counted), a file or folder keeps up to ``depth`` frames in order (its capture waits, nothing
+    is lost). ``get_batch`` waits for any frame and then takes one item from every source that has
+    one: the newest of each live source, the next of each file source. A source that ends (``END``
+    on its port) leaves the others running; ``get_batch`` returns ``END`` once every source ended
+    and nothing waits.
+    """
+
+    def __init__(self, lives: list[bool], depth: int = 8, max_batch: int | None = None):
+        self._cond = threading.Condition()
+        self._live, self._depth = list(lives), depth
+        self._items: list[deque] = [deque() for _ in lives]
+        self._ended = [False] * len(lives)
+        self.max_batch = max_batch or len(lives)  # 1: one frame per engine call, the sources taken in turn
+        self._next = 0  # where the next batch starts looking, so that a cap serves every source in turn
+
+    def port(self, index: int) -> "_MuxPort":
+        return _MuxPort(self, index)
+
+    def _put(self, i: int, item) -> bool:
+        with self._cond:
+            if item is END:
+                self._ended[i] = True
+                self._cond.notify_all()
+                return False
+            if self._live[i]:
+                dropped = bool(self._items[i])
+                self._items[i].clear()
+                self._items[i].append(item)
+                self._cond.notify_all()
+                return dropped
+            while len(self._items[i]) >= self._depth:
+                self._cond.wait()
+            self._items[i].append(item)
+            self._cond.notify_all()
+            return False
+
+    def get_batch(self):
+        """``[(source index, item), ...]`` with at most one item per source, or ``END``."""
+        with self._cond:
+            while not any(self._items) and not all(self._ended):
+                self._cond.wait()
+            if not any(self._items):
+                return END
+            n = len(self._items)
+            order = [(self._next + k) % n for k in range(n)]
+            batch = [(i, self._items[i].popleft()) for i in [i for i in order if self._items[i]][: self.max_batch]]
+            self._next = (batch[-1][0] + 1) % n
+            batch.sort(key=lambda item: item[0])
+            self._cond.notify_all()  # file captures waiting for room
+            return batch
+
+    def _discard(self, i: int) -> None:
+        with self._cond:
+            self._items[i].clear()
+            self._cond.notify_all()
+
+
+class _MuxPort:
+    """One source's side of a ``Mux`` (what ``Capture`` puts into)."""
+
+    def __init__(self, mux: Mux, index: int):
+        self.mux, self.index = mux, index
+
+    def put(self, item) -> bool:
+        return self.mux._put(self.index, item)
+
+    def discard(self, timeout: float = 0.1) -> None:
+        self.mux._discard(self.index)
+        time.sleep(min(timeout, 0.01))
 
 
 def handover_for(source: Source):

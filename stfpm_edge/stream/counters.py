@@ -45,3 +45,15 @@ def summarize(c: Counters, wall_s: float) -> dict[str, Any]:
         "fps": c.inspected / wall_s if wall_s > 0 else 0.0, "latency_ms": lat,
         "latency_window_frames": LATENCY_WINDOW,
     }
+
+
+def merged(parts: list[Counters]) -> Counters:
+    """The counters of several sources added up (latency windows pooled, each still bounded)."""
+    total = Counters()
+    for c in parts:
+        for name in ("read", "inspected", "dropped", "failed", "anomalous", "reconnects"):
+            setattr(total, name, getattr(total, name) + getattr(c, name))
+        total.gaps.extend(c.gaps)
+        for stage, values in c.latency.items():
+            total.latency.setdefault(stage, deque(maxlen=LATENCY_WINDOW)).extend(values)
+    return total

@@ -48,6 +48,9 @@ class Inspection:
     result: Result | None  # None: the frame failed (frame.error says why)
     latency_ms: dict[str, float]
     arrival: float  # perf_counter when capture handed the frame over
+    source: int = 0  # which of the run's sources (several: --source A --source B)
+    batch: int = 1  # frames in the engine call that inspected this one
+    source_name: str | None = None  # set by the output stage when a run has several sources
 
 
 class Inspector:
@@ -82,44 +85,64 @@ class Inspector:
         old, self.threshold = self.threshold, float(value)
         return old
 
-    def _inspect(self, engine, frame: Frame, arrival: float) -> Inspection:
-        t0 = time.perf_counter()
-        lat = {"wait": (t0 - arrival) * 1e3}
-        if frame.image is None:
-            return Inspection(frame, None, lat, arrival)
-        try:
-            fitted, _ = engine.geometry.fit_image(crop(frame.image, self.roi))
-        except ValueError as exc:
-            frame.error = str(exc)
-            return Inspection(frame, None, lat, arrival)
+    def _inspect(self, engine, items: list[tuple[int, tuple[Frame, float]]]) -> list[Inspection]:
+        """Inspect ``(source index, (frame, arrival))`` items in one engine call; a frame that cannot
+        be fitted fails alone, an engine that is unavailable fails the call's frames."""
+        out: list[Inspection] = []
+        ready = []
+        for src, (frame, arrival) in items:
+            t0 = time.perf_counter()
+            lat = {"wait": (t0 - arrival) * 1e3}
+            insp = Inspection(frame, None, lat, arrival, src)
+            out.append(insp)
+            if frame.image is None:
+                continue
+            try:
+                fitted, _ = engine.geometry.fit_image(crop(frame.image, self.roi))
+            except ValueError as exc:
+                frame.error = str(exc)
+                continue
+            lat["preprocess"] = (time.perf_counter() - t0) * 1e3
+            ready.append((insp, fitted))
+        if not ready:
+            return out
         t1 = time.perf_counter()
         try:
-            maps, scores = engine.infer(fitted)
-        except EngineUnavailable as exc:  # a served model away for a moment: this frame fails, the run goes on
-            frame.error = str(exc)
-            return Inspection(frame, None, lat, arrival)
+            maps, scores = engine.infer(np.stack([f for _, f in ready]))
+        except EngineUnavailable as exc:  # a served model away for a moment: these frames fail, the run goes on
+            for insp, _ in ready:
+                insp.frame.error = str(exc)
+                insp.latency_ms.pop("preprocess", None)
+            return out
         t2 = time.perf_counter()
-        score, thr = float(scores[0]), self.threshold
-        result = Result(score, float(normalized_score(score, thr)), verdict(score, thr), maps[0], thr)
+        thr = self.threshold
+        for k, (insp, _) in enumerate(ready):
+            score = float(scores[k])
+            insp.result = Result(score, float(normalized_score(score, thr)), verdict(score, thr), maps[k], thr)
         t3 = time.perf_counter()
-        lat.update(preprocess=(t1 - t0) * 1e3, inference=(t2 - t1) * 1e3, postprocess=(t3 - t2) * 1e3)
-        return Inspection(frame, result, lat, arrival)
+        for insp, _ in ready:
+            insp.latency_ms.update(inference=(t2 - t1) * 1e3, postprocess=(t3 - t2) * 1e3)
+            insp.batch = len(ready)
+        return out
 
     def _run(self) -> None:
         try:
             with self.engine_factory() as engine:
                 self.geometry, self.threshold, self.meta = engine.geometry, engine.threshold, engine.meta
                 self.ready.set()
+                batched = hasattr(self.handover, "get_batch")  # several sources: one engine call for the frames they have
                 while True:
-                    item = self.handover.get()
-                    if item is END:
+                    items = self.handover.get_batch() if batched else self.handover.get()
+                    if items is END:
                         break
-                    self.results.put(self._inspect(engine, *item))
+                    for insp in self._inspect(engine, items if batched else [(0, items)]):
+                        self.results.put(insp)
         except BaseException as exc:  # surfaced by the caller after the pipeline drained
             self.error = exc
             self.stop.set()
             if self.ready.is_set():  # capture runs: drain it so it can finish
-                while self.handover.get() is not END:
+                take = getattr(self.handover, "get_batch", self.handover.get)
+                while take() is not END:
                     pass
             self.ready.set()
         finally:

@@ -211,7 +211,7 @@ class AnomalyFiles(Output):
     def write(self, insp, picture) -> None:
         if insp.result.verdict != ANOMALOUS:
             return
-        stem = f"{insp.frame.index:06d}"
+        stem = f"{insp.frame.index:06d}" if insp.source_name is None else f"s{insp.source}-{insp.frame.index:06d}"
         atomic_write_bytes(self.folder / f"{stem}_overlay.jpg", cv2.imencode(".jpg", picture.image)[1].tobytes())
         heat = cv2.applyColorMap((normalized_score(picture.source_map, picture.threshold) * 255).astype(np.uint8), cv2.COLORMAP_JET)
         atomic_write_bytes(self.folder / f"{stem}_heatmap.png", cv2.imencode(".png", heat)[1].tobytes())
@@ -244,6 +244,8 @@ def frame_record(insp: Inspection) -> dict[str, Any]:
 
     f = insp.frame
     record: dict[str, Any] = {"frame": f.index, "source_ts": f.timestamp, "name": f.name}
+    if insp.source_name is not None:
+        record["source"] = insp.source_name
     if insp.result is None:
         record.update({"status": "failed", "error": mask_secrets(f.error or "undecodable frame")})
         return record

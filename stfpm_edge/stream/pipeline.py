@@ -18,8 +18,8 @@ from typing import Any, Callable
 from ..errors import StfpmError
 from ..fileio import atomic_write_json, mask_secrets
 from ..scoring import ANOMALOUS
-from .capture import END, Capture, Reconnect, handover_for
-from .counters import Counters, summarize
+from .capture import END, Capture, Mux, Reconnect, handover_for
+from .counters import Counters, merged, summarize
 from .inspection import Inspector
 from .outputs import AnomalyFiles, JsonlWriter, Output, Picture, VideoOutput, Window, frame_record
 from .sources import Source
@@ -40,6 +40,9 @@ class RunOptions:
     sinks: list = field(default_factory=list)  # stream.sinks.Sink objects (not started): verdicts to the line
     ui: str | None = None  # host:port of the operator station
     ui_token: str | None = None
+    max_batch: int | None = None  # several sources: most frames per engine call [default: one per source]
+    metrics_port: int | None = None  # live Prometheus metrics on this port (0: any free port)
+    metrics_host: str = "127.0.0.1"
 
     def outputs(self, stop: threading.Event) -> list[Output]:
         """The picture outputs these options ask for (the JSONL record is always written)."""
@@ -63,15 +66,20 @@ class OutputStage:
     left out after ``OUTPUT_GIVE_UP`` failures; inspection and the records go on.
     """
 
-    def __init__(self, writer: JsonlWriter, outputs: list[Output], counters: Counters, events: list, inspector: Inspector, roi):
-        self.writer, self.outputs, self.counters, self.events, self.inspector, self.roi = writer, outputs, counters, events, inspector, roi
+    def __init__(self, writer: JsonlWriter, outputs: list[Output], counters: list[Counters], events: list, inspector: Inspector, roi,
+                 names: list[str] | None = None):
+        self.writer, self.outputs, self.per_source, self.events, self.inspector, self.roi = writer, outputs, counters, events, inspector, roi
+        self.names = names  # several sources: every record says which
         self.broken: dict = {}
 
     def handle(self, insp) -> None:
         while self.events:
             self.writer.write(self.events.pop(0))
+        counters = self.per_source[insp.source]
+        if self.names:
+            insp.source_name = self.names[insp.source]
         if insp.result is None:
-            self.counters.failed += 1
+            counters.failed += 1
             self.writer.write(frame_record(insp))
             return
         t4 = time.perf_counter()
@@ -81,9 +89,9 @@ class OutputStage:
         t5 = time.perf_counter()
         insp.latency_ms["output"] = (t5 - t4) * 1e3
         insp.latency_ms["end_to_end"] = (t5 - insp.arrival) * 1e3
-        self.counters.inspected += 1
-        self.counters.anomalous += insp.result.verdict == ANOMALOUS
-        self.counters.add_latency(insp.latency_ms)
+        counters.inspected += 1
+        counters.anomalous += insp.result.verdict == ANOMALOUS
+        counters.add_latency(insp.latency_ms)
         self.writer.write(frame_record(insp))
 
     def _write(self, out: Output, insp, picture) -> None:
@@ -99,45 +107,77 @@ class OutputStage:
                 self.writer.write({"event": "output_failed", "frame": insp.frame.index, **entry})
 
 
-def run_stream(engine_factory: Callable[[], Any], source: Source, opts: RunOptions, stop: threading.Event | None = None, progress: bool = False) -> dict[str, Any]:
-    """Inspect a stream until it ends or ``stop`` is set; returns the end-of-run summary.
+def run_stream(engine_factory: Callable[[], Any], source: Source | list[Source], opts: RunOptions, stop: threading.Event | None = None,
+               progress: bool = False) -> dict[str, Any]:
+    """Inspect a stream (or several) until it ends or ``stop`` is set; returns the end-of-run summary.
 
-    Capture (its thread) -> inspection (its thread, owns the engine) -> outputs (this thread).
+    Capture (a thread per source) -> inspection (its thread, owns the engine; with several sources
+    one engine call takes the frames they have, see ``Mux``) -> outputs (this thread).
     """
     stop = stop or threading.Event()
+    sources = list(source) if isinstance(source, (list, tuple)) else [source]
+    multi = len(sources) > 1
+    if multi and (opts.ui or opts.save_video or opts.show):
+        for src in sources:
+            src.close()
+        raise StfpmError("--ui, --save-video and --show take one source; with several, every record and anomaly picture names its source")
     opts.out_dir.mkdir(parents=True, exist_ok=True)
-    counters, events = Counters(), []
-    handover = handover_for(source)
-    inspector = Inspector(engine_factory, handover, stop, opts.roi)
-    station = None
-    if opts.ui:
-        from .station import Station
+    per_source, events = [Counters() for _ in sources], []
+    counters = per_source[0] if not multi else None
+    if multi:
+        mux = Mux([src.live for src in sources], max_batch=opts.max_batch)
+        handovers: list = [mux.port(i) for i in range(len(sources))]
+        inspector = Inspector(engine_factory, mux, stop, opts.roi)
+    else:
+        handovers = [handover_for(sources[0])]
+        inspector = Inspector(engine_factory, handovers[0], stop, opts.roi)
 
-        try:  # bind before the engine opens: a taken port is a clear error before any frame
-            station = Station(opts.ui, opts.out_dir, counters, inspector, events, opts.ui_token, title=source.describe()).start()
-        except BaseException:
-            source.close()
-            raise
+    def close_sources():
+        for src in sources:
+            src.close()
+
+    station = live = None
+    try:  # bind before the engine opens: a taken port is a clear error before any frame
+        if opts.metrics_port is not None:
+            from .metrics import LiveMetrics
+
+            live = LiveMetrics(opts.metrics_port, opts.metrics_host, per_source, [src.describe() for src in sources]).start()
+        if opts.ui:
+            from .station import Station
+
+            station = Station(opts.ui, opts.out_dir, counters, inspector, events, opts.ui_token, title=sources[0].describe()).start()
+    except BaseException:
+        close_sources()
+        if live is not None:
+            live.close()
+        raise
     inspector.start()
     inspector.ready.wait()
     if inspector.error is not None:  # the engine did not open (missing file, metadata that does not fit): before any frame
         inspector.join()
-        source.close()
-        if station is not None:
-            station.close()
+        close_sources()
+        for server in (station, live):
+            if server is not None:
+                server.close()
         raise inspector.error
     if station is not None:
         print(f"operator station: {station.url}", flush=True)
+    if live is not None:
+        print(f"metrics: http://{opts.metrics_host}:{live.port}/metrics", flush=True)
     for sink in opts.sinks:
-        sink.context.setdefault("source", source.describe())
+        if not multi:
+            sink.context.setdefault("source", sources[0].describe())
         sink.context["threshold"] = inspector.threshold
         sink.start()
-    capture = Capture(source, handover, counters, stop, events, opts.reconnect, opts.max_frames, opts.pace_fps)
+    captures = [Capture(src, h, c, stop, events, opts.reconnect, opts.max_frames, opts.pace_fps) for src, h, c in zip(sources, handovers, per_source)]
     t_start = time.perf_counter()
-    capture.start()
+    for capture in captures:
+        capture.start()
 
-    outputs = opts.outputs(stop) + list(opts.sinks) + ([station] if station is not None else [])  # the station after the anomaly files it shows
-    stage = OutputStage(JsonlWriter(opts.out_dir / "frames.jsonl"), outputs, counters, events, inspector, opts.roi)
+    # the station after the anomaly files it shows
+    outputs = opts.outputs(stop) + list(opts.sinks) + [o for o in (live, station) if o is not None]
+    stage = OutputStage(JsonlWriter(opts.out_dir / "frames.jsonl"), outputs, per_source, events, inspector, opts.roi,
+                        [src.describe() for src in sources] if multi else None)
     writer, outputs = stage.writer, stage.outputs
     bar = None
     if progress:
@@ -161,7 +201,8 @@ def run_stream(engine_factory: Callable[[], Any], source: Source, opts: RunOptio
                 inspector.results.get(timeout=0.1)
             except queue.Empty:
                 pass
-        capture.join()
+        for capture in captures:
+            capture.join()
         inspector.join()
         t_end = time.perf_counter()  # inspection is over: what follows (draining sinks, closing files) is not in the FPS
         while events:
@@ -171,10 +212,14 @@ def run_stream(engine_factory: Callable[[], Any], source: Source, opts: RunOptio
             out.close()
         if bar is not None:
             bar.close()
-        source.close()
+        close_sources()
     wall = t_end - t_start
-    summary = summarize(counters, wall)
-    summary["source"] = source.describe()
+    if multi:
+        summary = summarize(merged(per_source), wall)
+        summary["sources"] = [{"source": src.describe(), **summarize(c, wall)} for src, c in zip(sources, per_source)]
+    else:
+        summary = summarize(counters, wall)
+        summary["source"] = sources[0].describe()
     summary["output_failures"] = list(stage.broken.values())
     summary["records_lost"] = writer.lost
     if writer.error:
@@ -185,6 +230,8 @@ def run_stream(engine_factory: Callable[[], Any], source: Source, opts: RunOptio
         summary["sinks"] = [s.stats() for s in opts.sinks]
     if station is not None:
         summary["ui"] = {"url": station.url, "threshold_changes": station.changes}
+    if live is not None:
+        summary["metrics"] = f"http://{opts.metrics_host}:{live.port}/metrics"
     if inspector.error is not None:
         summary["error"] = mask_secrets(str(inspector.error))
     try:

@@ -23,7 +23,7 @@ from .sources import open_source
 @dataclass
 class Session:
     model: Path
-    source: str
+    source: str | list[str]  # several: one capture thread each, frames batched across them into one engine call
     out: Path | None = None
     engine: dict[str, Any] = field(default_factory=dict)  # backend options: threads, build_if_stale, zero_copy
     line_scan: LineScanOptions | None = None  # set: the source is a web arriving row block by row block
@@ -54,12 +54,23 @@ def run_session(s: Session, progress: bool = True) -> tuple[Path, dict[str, Any]
         s.line_scan.sinks = sinks
     else:
         area.sinks = sinks
-    src = open_source(s.source)
+    specs = [s.source] if isinstance(s.source, str) else list(s.source)
+    if not specs:
+        raise StfpmError("give at least one --source")
+    if len(specs) > 1 and s.line_scan is not None:
+        raise StfpmError("--line-scan takes one source (one web)")
+    if len(specs) > 1 and (area.ui or area.save_video or area.show):
+        raise StfpmError("--ui, --save-video and --show take one source; with several, every record and anomaly picture names its source")
+    srcs = []
     try:
+        for spec in specs:
+            srcs.append(open_source(spec))
         folder = RunFolder(out).__enter__()  # refuses a folder with another run's results, locks it for this run
     except BaseException:
-        src.close()
+        for src in srcs:
+            src.close()
         raise
+    src = srcs[0] if len(srcs) == 1 else srcs
     stop, interrupted = threading.Event(), threading.Event()
 
     def on_signal(*_):
