@@ -102,7 +102,8 @@ def engine_backend(path: Path, threads: int, name: str | None = None) -> Backend
     if name is None:
         precision = meta.get("precision", "fp32")
         target = (meta.get("int8") or {}).get("target")
-        name = f"{engine.name}-{precision}" + (f"-{target}" if target else "")
+        kind = f"triton-{engine.scheme}" if engine.name == "triton" else engine.name  # grpc and http clients apart
+        name = f"{kind}-{precision}" + (f"-{target}" if target else "")
     flops = meta.get("flops_per_frame")
     if flops is None and engine.name == "torch":
         from .model import flops_per_frame
@@ -115,9 +116,11 @@ def engine_backend(path: Path, threads: int, name: str | None = None) -> Backend
 
 def open_backends(models: list[Path], wanted: list[str] | None, threads: int) -> list[Backend]:
     backends: list[Backend] = []
+    from .engines.base import is_served
+
     for path in models:
         path = Path(path)
-        if not path.is_file():
+        if not is_served(path) and not path.is_file():
             raise StfpmError(f"{path}: model file not found")
         suffix = path.suffix.lower()
         if suffix == ".pt":

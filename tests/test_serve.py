@@ -180,6 +180,10 @@ def test_serve_answers_like_the_local_model_and_a_dead_server_fails_frames_not_t
             frames = rng.integers(0, 256, (5, local.geometry.height, local.geometry.width, 3), dtype=np.uint8)
             (lm, ls), (rm, rs) = local.infer(frames), remote.infer(frames)
             assert np.abs(ls - rs).max() <= 1e-5 and np.abs(lm - rm).max() <= 1e-5
+        with open_engine(f"http://127.0.0.1:{server.ports[0]}/{server.name}") as over_http:
+            assert np.abs(over_http.infer(frames)[1] - ls).max() <= 1e-5
+        result = CliRunner().invoke(app, ["bench", server.grpc, str(dynamic_onnx), "--iters", "5", "--batch", "1"])
+        assert result.exit_code == 0 and "triton-grpc-fp32" in result.output and "onnxruntime-fp32" in result.output, result.output
         video = tmp_path / "v.mp4"
         _write_video(video, 60, bad={7}, size=(64, 64))
         stop_at = threading.Timer(1.0, server.kill)

@@ -86,7 +86,7 @@ _BACKENDS = {
 }
 
 
-def _served(path) -> bool:
+def is_served(path) -> bool:
     """``grpc://host:port/name`` / ``http://...`` (also as ``Path`` mangles it: ``grpc:/host...``): a model served by Triton."""
     import re
 
@@ -95,7 +95,7 @@ def _served(path) -> bool:
 
 def backend_class(path: str | Path) -> type[Engine]:
     """The backend class for a model file, by suffix (or a served model's URL); imports its module (not its runtime)."""
-    if _served(path):
+    if is_served(path):
         from .triton_engine import TritonEngine
 
         return TritonEngine
@@ -122,7 +122,7 @@ def engine_options(path: str | Path, **options: Any) -> dict[str, Any]:
     """
     cls = backend_class(path)
     path = Path(path)
-    if not _served(path) and not path.is_file():
+    if not is_served(path) and not path.is_file():
         raise ModelFileError(f"{path}: model file not found")
     foreign = sorted(k for k, v in options.items() if k not in cls.OPTIONS and v not in (None, False, 0, ""))
     if foreign:
@@ -135,5 +135,5 @@ def engine_options(path: str | Path, **options: Any) -> dict[str, Any]:
 def open_engine(path: str | Path, **options: Any) -> Engine:
     """Open a model file with the backend its suffix names (``.pt``, ``.onnx``, ``.engine``/``.plan``),
     passing it the options it takes (see ``engine_options``)."""
-    target = path if _served(path) else Path(path)
+    target = path if is_served(path) else Path(path)
     return backend_class(path)(target, **engine_options(path, **options))
