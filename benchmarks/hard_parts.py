@@ -46,6 +46,7 @@ VARIANTS: dict[str, dict] = {
     # stays what it was when the defaults move again
     "rotate-blur4-s384-e30": dict(epochs=30, augment="rotate", blur_sigma=4.0, height=384, width=384, batch_size=16),
     "rotate-blur4-lite1-e30": dict(epochs=30, augment="rotate", blur_sigma=4.0, backbone="tf_efficientnet_lite1"),
+    "rotate-blur4-s384-e60": dict(epochs=60, augment="rotate", blur_sigma=4.0, height=384, width=384, batch_size=16),
 }
 
 # post-processing suffixes: "+blur4" (Gaussian sigma 4 px), "+top1pct" (mean of the top 1% of pixels)
