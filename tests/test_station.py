@@ -81,7 +81,7 @@ def test_binds_are_checked():
     with pytest.raises(StfpmError, match="host:port"):
         parse_bind("here:abc")
     with pytest.raises(StfpmError, match="needs a token"):
-        Station("0.0.0.0:0", Path("."), None, None, [])
+        Station("0.0.0.0:0", Path("."), [], [], None, [])
 
 
 def test_a_taken_port_is_a_clear_error_before_any_frame(tmp_path):
@@ -169,3 +169,37 @@ def test_operator_station_in_a_real_browser(tmp_path):
     assert len(changes) == 1 and changes[0]["new"] == 2.0 and changes[0]["by"].startswith("ui 127.0.0.1")
     assert all(r["verdict"] == "good" for r in recs[recs.index(changes[0]):] if r.get("status") == "inspected")
     assert (tmp_path / "station.png").stat().st_size > 10_000
+
+
+def test_several_sources_get_a_tile_each(tmp_path):
+    videos = []
+    for i in range(2):
+        videos.append(tmp_path / f"cam{i}.mp4")
+        _write_video(videos[-1], 120, bad={5, 50}, size=(96, 128))
+    port = free_port()
+    result = {}
+    t = threading.Thread(target=lambda: result.update(run_stream(lambda: DarkSpotEngine(), [open_source(str(v)) for v in videos],
+                                                                   RunOptions(tmp_path / "o", pace_fps=30, ui=f"127.0.0.1:{port}"))))
+    t.start()
+    try:
+        deadline = time.monotonic() + 20
+        state = None
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/state", timeout=2) as r:
+                    state = json.loads(r.read())
+                if state["inspected"] > 20:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        assert [s["name"] for s in state["sources"]] == [f"video {v}" for v in videos]
+        assert state["inspected"] == sum(s["inspected"] for s in state["sources"])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/stream.mjpg?source=1", timeout=5) as r:
+            head = r.read(4096)  # the first part of the second camera's stream
+        assert b"Content-Type: image/jpeg" in head and b"\xff\xd8" in head
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/stream.mjpg?source=7", timeout=5)
+    finally:
+        t.join(60)
+    assert result["ui"]["url"].startswith("http://127.0.0.1") and len(result["sources"]) == 2

@@ -148,6 +148,11 @@ class Picture:
         return self._vis
 
 
+def anomaly_stem(insp: Inspection) -> str:
+    """The file stem of an anomalous frame's pictures: ``000123``, or ``s1-000123`` in a run with several sources."""
+    return f"{insp.frame.index:06d}" if insp.source_name is None else f"s{insp.source}-{insp.frame.index:06d}"
+
+
 class Output:
     def write(self, insp: Inspection, picture: Picture) -> None:
         raise NotImplementedError
@@ -211,7 +216,7 @@ class AnomalyFiles(Output):
     def write(self, insp, picture) -> None:
         if insp.result.verdict != ANOMALOUS:
             return
-        stem = f"{insp.frame.index:06d}" if insp.source_name is None else f"s{insp.source}-{insp.frame.index:06d}"
+        stem = anomaly_stem(insp)
         atomic_write_bytes(self.folder / f"{stem}_overlay.jpg", cv2.imencode(".jpg", picture.image)[1].tobytes())
         heat = cv2.applyColorMap((normalized_score(picture.source_map, picture.threshold) * 255).astype(np.uint8), cv2.COLORMAP_JET)
         atomic_write_bytes(self.folder / f"{stem}_heatmap.png", cv2.imencode(".png", heat)[1].tobytes())

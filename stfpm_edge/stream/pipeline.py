@@ -117,13 +117,13 @@ def run_stream(engine_factory: Callable[[], Any], source: Source | list[Source],
     stop = stop or threading.Event()
     sources = list(source) if isinstance(source, (list, tuple)) else [source]
     multi = len(sources) > 1
-    if multi and (opts.ui or opts.save_video or opts.show):
+    if multi and (opts.save_video or opts.show):
         for src in sources:
             src.close()
-        raise StfpmError("--ui, --save-video and --show take one source; with several, every record and anomaly picture names its source")
+        raise StfpmError("--save-video and --show take one source; with several, every record and anomaly picture names its source")
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     per_source, events = [Counters() for _ in sources], []
-    counters = per_source[0] if not multi else None
+    counters = per_source[0]
     if multi:
         mux = Mux([src.live for src in sources], max_batch=opts.max_batch)
         handovers: list = [mux.port(i) for i in range(len(sources))]
@@ -145,7 +145,8 @@ def run_stream(engine_factory: Callable[[], Any], source: Source | list[Source],
         if opts.ui:
             from .station import Station
 
-            station = Station(opts.ui, opts.out_dir, counters, inspector, events, opts.ui_token, title=sources[0].describe()).start()
+            station = Station(opts.ui, opts.out_dir, per_source, [src.describe() for src in sources], inspector, events, opts.ui_token,
+                              title=sources[0].describe() if not multi else f"{len(sources)} sources").start()
     except BaseException:
         close_sources()
         if live is not None:

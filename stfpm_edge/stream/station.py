@@ -1,6 +1,6 @@
 """The operator station: a web page served by the run itself (Starlette on uvicorn, in a thread).
 
-What the operator at the machine sees: the live annotated stream (MJPEG), counters (inspected,
+What the operator at the machine sees: the live annotated stream (MJPEG, a tile per source), counters (inspected,
 anomalous, dropped, failed, FPS, latency p50/p99), a gallery of the latest anomalies with their heat
 maps, and a threshold control that first shows what a new value would do on the model's held-out
 good images (stored in the model at training time) and on the run's recent frames, then applies it
@@ -31,7 +31,8 @@ import numpy as np
 from ..errors import StfpmError
 from ..scoring import ANOMALOUS
 from ..timing import percentiles
-from .outputs import Output
+from .counters import merged
+from .outputs import Output, anomaly_stem
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 STREAM_FPS = 10.0  # frames per second sent to viewers (encoded only while someone watches)
@@ -73,20 +74,21 @@ def check_ui(bind: str, token: str | None) -> tuple[str, int]:
 class Station(Output):
     """An ``Output`` of the area-scan loop that also serves the page; ``start()`` binds the port."""
 
-    def __init__(self, bind: str, run_dir: Path, counters, inspector, events: list, token: str | None = None, title: str = ""):
+    def __init__(self, bind: str, run_dir: Path, per_source: list, names: list[str], inspector, events: list, token: str | None = None,
+                 title: str = ""):
         self.host, self.port = check_ui(bind, token)
         self.loopback = is_loopback(self.host)
-        self.run_dir, self.counters, self.inspector, self.events, self.token, self.title = run_dir, counters, inspector, events, token, title
+        self.run_dir, self.per_source, self.names, self.inspector, self.events, self.token = run_dir, per_source, names, inspector, events, token
+        self.title = title
         self._lock = threading.Lock()
-        self._jpeg: bytes | None = None
-        self._seq = 0
-        self._last_encode = 0.0
+        self._frames: dict[int, tuple[bytes, int]] = {}  # source -> (latest JPEG, sequence number)
+        self._last_encode: dict[int, float] = {}
         self.viewers = 0
         self.recent_scores: deque = deque(maxlen=1000)
         self.gallery: deque = deque(maxlen=GALLERY)
         self.changes: list[dict] = []
-        self._fps_mark = (time.perf_counter(), 0)
-        self._fps = 0.0
+        self._fps_marks = [(time.perf_counter(), 0)] * len(per_source)
+        self._fps = [0.0] * len(per_source)
         self.closed = False
         self._server = None
         self._thread: threading.Thread | None = None
@@ -96,20 +98,21 @@ class Station(Output):
         r = insp.result
         self.recent_scores.append(r.score)
         if r.verdict == ANOMALOUS:
-            stem = f"{insp.frame.index:06d}"
+            stem = anomaly_stem(insp)
             files = {kind: f"anomalies/{stem}_{kind}{suffix}" for kind, suffix in (("overlay", ".jpg"), ("heatmap", ".png"))}
-            self.gallery.appendleft({"frame": insp.frame.index, "score": r.score, "normalized_score": r.normalized_score,
-                                     "time": time.time(), **{k: v for k, v in files.items() if (self.run_dir / v).is_file()}})
-        now = time.perf_counter()
-        if self.viewers and now - self._last_encode >= 1.0 / STREAM_FPS:
+            self.gallery.appendleft({"frame": insp.frame.index, "source": self.names[insp.source], "score": r.score,
+                                     "normalized_score": r.normalized_score, "time": time.time(),
+                                     **{k: v for k, v in files.items() if (self.run_dir / v).is_file()}})
+        now, src = time.perf_counter(), insp.source
+        if self.viewers and now - self._last_encode.get(src, 0.0) >= 1.0 / STREAM_FPS:
             vis = picture.image
             if vis.shape[1] > STREAM_WIDTH:
                 vis = cv2.resize(vis, (STREAM_WIDTH, round(vis.shape[0] * STREAM_WIDTH / vis.shape[1])), interpolation=cv2.INTER_AREA)
             ok, buf = cv2.imencode(".jpg", vis, [cv2.IMWRITE_JPEG_QUALITY, 80])
             if ok:
                 with self._lock:
-                    self._jpeg, self._seq = buf.tobytes(), self._seq + 1
-            self._last_encode = now
+                    self._frames[src] = (buf.tobytes(), self._frames.get(src, (b"", 0))[1] + 1)
+            self._last_encode[src] = now
 
     def close(self) -> None:
         self.closed = True
@@ -120,16 +123,20 @@ class Station(Output):
 
     # -- what the page asks for -------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        c = self.counters
         now = time.perf_counter()
-        t0, n0 = self._fps_mark
-        if now - t0 >= 1.0:
-            self._fps = (c.inspected - n0) / (now - t0)
-            self._fps_mark = (now, c.inspected)
-        lat = {k: percentiles(list(c.latency[k])) for k in ("inference", "end_to_end") if c.latency.get(k)}
-        return {"title": self.title, "inspected": c.inspected, "anomalous": c.anomalous, "dropped": c.dropped, "failed": c.failed,
-                "read": c.read, "fps": round(self._fps, 2), "latency_ms": lat, "threshold": self.inspector.threshold,
-                "model_threshold": (self.inspector.meta.get("threshold") or {}).get("image"),
+        sources = []
+        for i, (c, name) in enumerate(zip(self.per_source, self.names)):
+            t0, n0 = self._fps_marks[i]
+            if now - t0 >= 1.0:
+                self._fps[i] = (c.inspected - n0) / (now - t0)
+                self._fps_marks[i] = (now, c.inspected)
+            sources.append({"name": name, "inspected": c.inspected, "anomalous": c.anomalous, "dropped": c.dropped, "failed": c.failed,
+                            "fps": round(self._fps[i], 2)})
+        total = merged(self.per_source)
+        lat = {k: percentiles(list(total.latency[k])) for k in ("inference", "end_to_end") if total.latency.get(k)}
+        return {"title": self.title, "inspected": total.inspected, "anomalous": total.anomalous, "dropped": total.dropped, "failed": total.failed,
+                "read": total.read, "fps": round(sum(self._fps), 2), "latency_ms": lat, "threshold": self.inspector.threshold,
+                "model_threshold": (self.inspector.meta.get("threshold") or {}).get("image"), "sources": sources,
                 "gallery": list(self.gallery), "changes": self.changes[-10:], "running": not self.closed}
 
     def preview(self, value: float) -> dict[str, Any]:
@@ -152,7 +159,7 @@ class Station(Output):
     def apply(self, value: float, who: str) -> dict[str, Any]:
         old = self.inspector.set_threshold(value)
         event = {"event": "threshold_changed", "old": old, "new": float(value), "by": who, "time": time.time(),
-                 "after_frame": self.counters.read - 1}
+                 "after_frames_read": [c.read for c in self.per_source]}
         self.changes.append(event)
         self.events.append(event)  # the output stage writes it into the JSONL before the next record
         return event
@@ -207,13 +214,20 @@ class Station(Output):
             return JSONResponse(self.apply(v, f"ui {request.client.host if request.client else '?'}"))
 
         async def stream(request: Request):
+            try:
+                src = int(request.query_params.get("source", "0"))
+            except ValueError:
+                src = -1
+            if not 0 <= src < len(self.names):
+                return Response("no such source", status_code=404)
+
             async def frames():
                 last = -1
                 self.viewers += 1
                 try:
                     while not self.closed and not await request.is_disconnected():
                         with self._lock:
-                            jpeg, seq = self._jpeg, self._seq
+                            jpeg, seq = self._frames.get(src, (None, 0))
                         if jpeg is not None and seq != last:
                             last = seq
                             yield b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpeg) + jpeg + b"\r\n"
@@ -285,7 +299,10 @@ PAGE = """<!doctype html>
  header h1{font-size:18px;margin:0} #status{color:#8c8}
  main{display:grid;grid-template-columns:minmax(0,2fr) minmax(260px,1fr);gap:12px;padding:12px}
  .tile{background:#1b1b1b;border:1px solid #333;border-radius:6px;padding:8px}
- #live{width:100%;max-height:calc(100vh - 90px);object-fit:contain;background:#000;min-height:200px;display:block}
+ #tiles{display:grid;gap:8px;grid-template-columns:repeat(auto-fit,minmax(320px,1fr));align-content:start}
+ #tiles figure{margin:0} #tiles figcaption{font-size:13px;color:#bbb;padding-top:3px}
+ #tiles img{width:100%;max-height:calc(100vh - 110px);object-fit:contain;background:#000;min-height:200px;display:block}
+ #tiles.many img{max-height:calc(50vh - 70px)}
  table{border-collapse:collapse;width:100%} td{padding:3px 6px;border-bottom:1px solid #2a2a2a} td.v{text-align:right;font-variant-numeric:tabular-nums}
  #gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(110px,1fr));gap:6px;margin-top:8px;max-height:calc(100vh - 470px);min-height:130px;overflow-y:auto}
  #gallery figure{margin:0;cursor:pointer} #gallery img{width:100%;display:block;border:2px solid #c33}
@@ -297,7 +314,7 @@ PAGE = """<!doctype html>
 </style></head><body>
 <header><h1>stfpm-edge · __TITLE__</h1><span id="status">connecting…</span></header>
 <main>
- <section class="tile"><img id="live" src="/stream.mjpg" alt="live annotated stream"></section>
+ <section class="tile" id="tiles"><figure class="cam"><img id="live" src="/stream.mjpg?source=0" alt="live annotated stream"><figcaption></figcaption></figure></section>
  <section>
   <div class="tile"><table id="counters">
    <tr><td>inspected</td><td class="v" id="inspected">–</td></tr>
@@ -329,6 +346,15 @@ async function refresh() {
     const l = s.latency_ms.end_to_end || s.latency_ms.inference;
     $('latency').textContent = l ? `${l.p50.toFixed(1)} / ${l.p99.toFixed(1)}` : '–';
     $('threshold').textContent = fmt(s.threshold) + (s.threshold !== s.model_threshold ? ` (model: ${fmt(s.model_threshold)})` : '');
+    if (s.sources.length > 1 && $('tiles').children.length !== s.sources.length) {
+      $('tiles').classList.add('many');
+      $('tiles').replaceChildren(...s.sources.map((src, i) => {
+        const f = document.createElement('figure'); f.className = 'cam';
+        const img = document.createElement('img'); img.src = '/stream.mjpg?source=' + i; img.alt = src.name; if (i === 0) img.id = 'live';
+        f.append(img, document.createElement('figcaption')); return f; }));
+    }
+    [...$('tiles').children].forEach((f, i) => { const src = s.sources[i];
+      if (src) f.querySelector('figcaption').textContent = `${src.name}: ${src.inspected} inspected, ${src.anomalous} anomalous, ${src.fps.toFixed(1)} FPS`; });
     if ($('thr').value === '' && s.threshold !== null) $('thr').value = Number(s.threshold.toPrecision(4));
     $('status').textContent = s.running ? 'running' : 'stopped';
     const key = s.gallery.map(g => g.frame).join(',');
@@ -337,7 +363,7 @@ async function refresh() {
       $('gallery').replaceChildren(...s.gallery.filter(g => g.overlay).map(g => {
         const f = document.createElement('figure');
         const img = document.createElement('img'); img.src = '/' + g.overlay; img.alt = 'frame ' + g.frame; img.loading = 'lazy';
-        const c = document.createElement('figcaption'); c.textContent = `#${g.frame} score ${fmt(g.score)}`;
+        const c = document.createElement('figcaption'); c.textContent = (s.sources.length > 1 ? g.source + ' ' : '') + `#${g.frame} score ${fmt(g.score)}`;
         f.append(img, c); f.dataset.overlay = g.overlay; f.dataset.heatmap = g.heatmap || '';
         f.onclick = () => enlarge(f.dataset.overlay, f.dataset.heatmap); return f; }));
     }
@@ -364,7 +390,7 @@ $('apply').onclick = async () => {
   if (token) headers['Authorization'] = 'Bearer ' + token;
   const r = await fetch('/api/threshold', {method: 'POST', headers, body: JSON.stringify({value: Number($('apply').dataset.value)})});
   const e = await r.json();
-  $('preview').textContent = r.ok ? `applied: ${fmt(e.old)} → ${fmt(e.new)} from frame ${e.after_frame + 1} on` : e.error;
+  $('preview').textContent = r.ok ? `applied: ${fmt(e.old)} → ${fmt(e.new)} from the next frame on` : e.error;
   $('apply').disabled = true; refresh();
 };
 refresh(); setInterval(refresh, 500);
