@@ -102,7 +102,7 @@ def engine_backend(path: Path, threads: int, name: str | None = None) -> Backend
     if name is None:
         precision = meta.get("precision", "fp32")
         target = (meta.get("int8") or {}).get("target")
-        kind = f"triton-{engine.scheme}" if engine.name == "triton" else engine.name  # grpc and http clients apart
+        kind = (f"triton-{engine.scheme}" + ("-shm" if engine.shm else "")) if engine.name == "triton" else engine.name  # clients apart
         name = f"{kind}-{precision}" + (f"-{target}" if target else "")
     flops = meta.get("flops_per_frame")
     if flops is None and engine.name == "torch":

@@ -384,6 +384,7 @@ def serve(
     instances: int = typer.Option(1, "--instances", help="engines behind the batcher (each runs batches on its own thread)"),
     threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime threads per instance (0 = default)"),
     log_file: Optional[Path] = typer.Option(None, "--log-file", help="Triton's own log [default: the terminal]"),
+    allow_shm: bool = typer.Option(False, "--allow-shm", help="let clients on this host pass frames through system shared memory (grpc://...?shm=1); loopback only"),
 ):
     import signal
     import threading
@@ -391,7 +392,7 @@ def serve(
     from .serve.server import ServeOptions
     from .serve.server import serve as run_server
 
-    opts = ServeOptions(name, host, http_port, grpc_port, metrics_port, max_batch, queue_delay_us, instances, threads, log_file)
+    opts = ServeOptions(name, host, http_port, grpc_port, metrics_port, max_batch, queue_delay_us, instances, threads, log_file, allow_shm)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

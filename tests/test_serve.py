@@ -87,6 +87,15 @@ def test_static_graph_names_and_options_are_refused_clearly(tiny_run, dynamic_on
             write_repository(dynamic_onnx, tmp_path / "repo", "m", opts)
 
 
+def test_serve_options_are_checked_before_anything_starts(dynamic_onnx):
+    from stfpm_edge.serve.server import ServeOptions
+
+    for opts, message in ((ServeOptions(host="0.0.0.0", shm=True), "loopback|127.0.0.1"), (ServeOptions(http_port=9, grpc_port=9), "must differ"),
+                          (ServeOptions(name="a/b"), "model name"), (ServeOptions(max_batch=0), "max-batch")):
+        with pytest.raises(StfpmError, match=message):
+            opts.check()
+
+
 def test_cli_writes_a_repository_from_a_checkpoint_and_replaces_a_model_whole(tiny_run, dynamic_onnx, tmp_path):
     run_dir, _ = tiny_run
     repo = tmp_path / "repo"
@@ -112,7 +121,7 @@ class Server:
         self.ports = [free_port() for _ in range(3)]
         self.cmd = [sys.executable, "-m", "stfpm_edge.cli", "serve", str(model), "--name", name, "--http-port", str(self.ports[0]),
                     "--grpc-port", str(self.ports[1]), "--metrics-port", str(self.ports[2]), "--max-batch", str(max_batch),
-                    "--queue-delay-us", "2000", "--threads", "1"]
+                    "--queue-delay-us", "2000", "--threads", "1", "--allow-shm"]
         self.proc = None
 
     @property
@@ -182,6 +191,10 @@ def test_serve_answers_like_the_local_model_and_a_dead_server_fails_frames_not_t
             assert np.abs(ls - rs).max() <= 1e-5 and np.abs(lm - rm).max() <= 1e-5
         with open_engine(f"http://127.0.0.1:{server.ports[0]}/{server.name}") as over_http:
             assert np.abs(over_http.infer(frames)[1] - ls).max() <= 1e-5
+        with open_engine(server.grpc + "?shm=1") as via_shm:  # frames and maps through system shared memory
+            for n in (2, 5):  # the regions grow when a larger batch comes
+                sm, ss = via_shm.infer(frames[:n])
+                assert np.abs(ss - ls[:n]).max() <= 1e-5 and np.abs(sm - lm[:n]).max() <= 1e-5
         result = CliRunner().invoke(app, ["bench", server.grpc, str(dynamic_onnx), "--iters", "5", "--batch", "1"])
         assert result.exit_code == 0 and "triton-grpc-fp32" in result.output and "onnxruntime-fp32" in result.output, result.output
         video = tmp_path / "v.mp4"

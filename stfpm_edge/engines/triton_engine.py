@@ -31,6 +31,9 @@ def triton_url(spec) -> str | None:
 
 
 class TritonEngine(Engine):
+    """``?shm=1`` on the URL passes frames and maps through system shared memory instead of the socket
+    (the server must run on this host)."""
+
     name = "triton"
     OPTIONS = ("timeout_s", "threads")  # threads: accepted and ignored (the server owns its threads)
 
@@ -39,6 +42,13 @@ class TritonEngine(Engine):
         if url is None:
             raise ModelFileError(f"{spec}: not a served model; use grpc://host:8001/<name> or http://host:8000/<name>")
         u = urllib.parse.urlsplit(url)
+        query = dict(urllib.parse.parse_qsl(u.query))
+        unknown = sorted(set(query) - {"shm"})
+        if unknown or query.get("shm", "0") not in ("0", "1"):
+            raise ModelFileError(f"{mask_secrets(url)}: the only option of a served model is shm=0/1, got {u.query!r}")
+        self.shm = query.get("shm") == "1"
+        self._regions: dict[str, tuple] = {}  # name -> (handle, byte size)
+        url = urllib.parse.urlunsplit((u.scheme, u.netloc, u.path, "", ""))
         self.url, self.scheme, self.timeout_s = url, u.scheme, float(timeout_s)
         self.server = u.netloc
         self.model_name = u.path.strip("/")
@@ -78,10 +88,66 @@ class TritonEngine(Engine):
         return meta
 
     def close(self) -> None:
+        self._drop_regions()
         try:
             self._client.close()
         except Exception:
             pass
+
+    # -- system shared memory (?shm=1): three regions (frames, maps, scores), grown when a batch needs more
+    def _region(self, kind: str, nbytes: int):
+        import os
+
+        import tritonclient.utils.shared_memory as shm
+
+        have = self._regions.get(kind)
+        if have is not None and have[1] >= nbytes:
+            return have[0]
+        if have is not None:
+            self._unregister(kind)
+        name = f"stfpm_{os.getpid()}_{id(self) & 0xFFFFFF:x}_{kind}"
+        handle = shm.create_shared_memory_region(name, "/" + name, nbytes)
+        self._regions[kind] = (handle, nbytes)
+        self._client.register_system_shared_memory(name, "/" + name, nbytes)
+        return handle
+
+    def _unregister(self, kind: str) -> None:
+        import os
+
+        import tritonclient.utils.shared_memory as shm
+
+        handle, _ = self._regions.pop(kind)
+        name = f"stfpm_{os.getpid()}_{id(self) & 0xFFFFFF:x}_{kind}"
+        try:
+            self._client.unregister_system_shared_memory(name)
+        except Exception:  # the server may be gone: the region is ours to free all the same
+            pass
+        shm.destroy_shared_memory_region(handle)
+
+    def _drop_regions(self) -> None:
+        for kind in list(self._regions):
+            self._unregister(kind)
+
+    def _shm_call(self, frames: np.ndarray, c):
+        import os
+
+        import tritonclient.utils.shared_memory as shm
+
+        n, (h, w) = len(frames), (self.geometry.height, self.geometry.width)
+        base = f"stfpm_{os.getpid()}_{id(self) & 0xFFFFFF:x}"
+        sizes = {"frames": frames.nbytes, "maps": n * h * w * 4, "scores": n * 4}
+        handles = {k: self._region(k, v) for k, v in sizes.items()}
+        shm.set_shared_memory_region(handles["frames"], [np.ascontiguousarray(frames)])
+        inp = c.InferInput("frames", list(frames.shape), "UINT8")
+        inp.set_shared_memory(f"{base}_frames", sizes["frames"])
+        outs = [c.InferRequestedOutput("anomaly_map"), c.InferRequestedOutput("score")]
+        outs[0].set_shared_memory(f"{base}_maps", sizes["maps"])
+        outs[1].set_shared_memory(f"{base}_scores", sizes["scores"])
+        kwargs = {"client_timeout": self.timeout_s} if self.scheme == "grpc" else {}
+        self._client.infer(self.model_name, [inp], outputs=outs, **kwargs)
+        maps = shm.get_contents_as_numpy(handles["maps"], np.float32, [n, h, w]).copy()
+        scores = shm.get_contents_as_numpy(handles["scores"], np.float32, [n]).copy()
+        return maps, scores
 
     def _infer(self, frames: np.ndarray):
         most = self.meta["served"]["max_batch_size"]
@@ -92,20 +158,23 @@ class TritonEngine(Engine):
         if now < self._pause_until:
             raise EngineUnavailable(f"{mask_secrets(self.url)}: server unavailable, retrying in {self._pause_until - now:.1f} s")
         c = self._client_mod
-        inp = c.InferInput("frames", list(frames.shape), "UINT8")
-        inp.set_data_from_numpy(np.ascontiguousarray(frames))
-        outs = [c.InferRequestedOutput("anomaly_map"), c.InferRequestedOutput("score")]
         self.calls += 1
         try:
-            if self.scheme == "grpc":
-                r = self._client.infer(self.model_name, [inp], outputs=outs, client_timeout=self.timeout_s)
+            if self.shm:
+                maps, scores = self._shm_call(frames, c)
             else:
-                r = self._client.infer(self.model_name, [inp], outputs=outs)
-            maps, scores = r.as_numpy("anomaly_map"), r.as_numpy("score")
+                inp = c.InferInput("frames", list(frames.shape), "UINT8")
+                inp.set_data_from_numpy(np.ascontiguousarray(frames))
+                outs = [c.InferRequestedOutput("anomaly_map"), c.InferRequestedOutput("score")]
+                kwargs = {"client_timeout": self.timeout_s} if self.scheme == "grpc" else {}
+                r = self._client.infer(self.model_name, [inp], outputs=outs, **kwargs)
+                maps, scores = r.as_numpy("anomaly_map"), r.as_numpy("score")
         except Exception as exc:
             self.failed_calls += 1
             self._failures += 1
             self._pause_until = time.monotonic() + min(2.0, 0.2 * 2 ** (self._failures - 1))
+            if self.shm:  # a restarted server knows none of our regions: register them again on the next call
+                self._drop_regions()
             raise EngineUnavailable(f"{mask_secrets(self.url)}: {_short(exc)}") from None
         self._failures = 0
         if maps is None or scores is None:

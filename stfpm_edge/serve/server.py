@@ -36,6 +36,7 @@ class ServeOptions:
     instances: int = 1  # engines (each its own thread and runtime session) behind the one batcher
     threads: int = 0  # ONNX Runtime threads per instance (0 = its default)
     log_file: Path | None = None  # Triton's own log (default: the terminal)
+    shm: bool = False  # let clients on this host register system shared memory (loopback binds only)
 
     def check(self) -> None:
         model_name(self.name)
@@ -44,8 +45,19 @@ class ServeOptions:
                 raise StfpmError(f"{label} must lie in 1..65535, got {port}")
         if len({self.http_port, self.grpc_port, self.metrics_port}) != 3:
             raise StfpmError("--http-port, --grpc-port and --metrics-port must differ")
+        if self.shm and not _loopback(self.host):
+            raise StfpmError("--allow-shm serves clients on this host only: bind --host to 127.0.0.1")
         if not 1 <= self.max_batch <= 1024 or not 1 <= self.instances <= 64 or not 0 <= self.queue_delay_us <= 10_000_000:
             raise StfpmError("--max-batch must lie in 1..1024, --instances in 1..64, --queue-delay-us in 0..10000000")
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def server_environment() -> None:
@@ -58,6 +70,20 @@ def server_environment() -> None:
     current = os.environ.get("LD_LIBRARY_PATH", "")
     if libdir and libdir not in current.split(":"):
         os.environ["LD_LIBRARY_PATH"] = libdir + (":" + current if current else "")
+
+
+def _check_ports_free(opts: ServeOptions) -> None:
+    """A taken port is one clear line now, not a Triton start-up failure after a long wait."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in opts.host else socket.AF_INET
+    for label, port in (("--http-port", opts.http_port), ("--grpc-port", opts.grpc_port), ("--metrics-port", opts.metrics_port)):
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((opts.host, port))
+            except OSError as exc:
+                raise StfpmError(f"{label} {port}: cannot listen on {opts.host} ({exc.strerror or exc}); is another server running?") from None
 
 
 def _with_parameters(parameters: dict[str, dict[str, str]]) -> None:
@@ -99,9 +125,10 @@ def serve(model: Path, opts: ServeOptions, stop: threading.Event, on_ready: Call
     opts.check()
     try:
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-        from pytriton.triton import Triton, TritonConfig
+        from pytriton.triton import DEFAULT_PROTECTED_ENDPOINTS, Triton, TritonConfig, TritonSecurityConfig
     except ImportError:
         raise StfpmError("serve needs the [serve] extra (pip install 'stfpm-edge[serve]': PyTriton with its bundled Triton server)") from None
+    _check_ports_free(opts)
     options = engine_options(model, threads=opts.threads)
     engines = [open_engine(model, **options) for _ in range(opts.instances)]
     try:
@@ -112,7 +139,10 @@ def serve(model: Path, opts: ServeOptions, stop: threading.Event, on_ready: Call
         config = TritonConfig(http_address=opts.host, http_port=opts.http_port, grpc_address=opts.host, grpc_port=opts.grpc_port,
                               metrics_address=opts.host, metrics_port=opts.metrics_port, allow_metrics=True, exit_timeout_secs=5,
                               log_file=str(opts.log_file) if opts.log_file else None)
-        with Triton(config=config) as triton:
+        # PyTriton guards shared-memory registration with a token of its own; --allow-shm opens it to
+        # clients on this host (the bind is loopback), the other guarded endpoints stay guarded
+        security = TritonSecurityConfig(restricted_endpoints=[e for e in DEFAULT_PROTECTED_ENDPOINTS if e != "shared-memory"]) if opts.shm else None
+        with Triton(config=config, security_config=security) as triton:
             triton.bind(
                 model_name=opts.name,
                 infer_func=[_infer_function(e) for e in engines],
