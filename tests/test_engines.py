@@ -113,3 +113,17 @@ def test_foreign_graph_with_our_metadata_and_empty_files_are_clear_errors(export
     empty.write_bytes(b"")
     with pytest.raises(ModelFileError, match="empty"):
         build_engine(empty, tmp_path / "engines")
+
+
+def test_a_foreign_option_is_named_without_importing_torch(exported):
+    _, onnx_path = exported
+    code = (
+        "from stfpm_edge.engines import engine_options\n"
+        "from stfpm_edge.errors import StfpmError\n"
+        "try:\n"
+        f"    engine_options(r'{onnx_path}', zero_copy=True)\n"
+        "    raise SystemExit('accepted')\n"
+        "except StfpmError as exc:\n"
+        "    assert 'tensorrt (.engine, .plan)' in str(exc), exc\n"
+    )
+    run_without_modules(code, ("torch",))

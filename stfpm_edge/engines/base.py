@@ -77,13 +77,21 @@ class Engine:
         raise NotImplementedError(f"{type(self).__name__} does not implement _infer")
 
 
-# suffix -> "module:Class"; modules are imported only when a file of that kind is opened
-_BACKENDS = {
-    ".pt": "stfpm_edge.engines.torch_engine:TorchEngine",
-    ".onnx": "stfpm_edge.engines.ort_engine:OrtEngine",
-    ".engine": "stfpm_edge.engines.trt_engine:TensorRTEngine",
-    ".plan": "stfpm_edge.engines.trt_engine:TensorRTEngine",
+# backend -> ("module:Class", the keyword options it takes): one definition, read by the classes
+# (their OPTIONS) and by engine_options, which names the backends an option belongs to without
+# importing any of them (importing the PyTorch one costs seconds and pulls in torch)
+BACKENDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "torch": ("stfpm_edge.engines.torch_engine:TorchEngine", ("device", "batch_size", "threads")),
+    "onnxruntime": ("stfpm_edge.engines.ort_engine:OrtEngine", ("threads", "providers")),
+    "tensorrt": ("stfpm_edge.engines.trt_engine:TensorRTEngine", ("build_if_stale", "zero_copy", "device", "threads")),
+    "triton": ("stfpm_edge.engines.triton_engine:TritonEngine", ("timeout_s", "threads")),  # threads: accepted, the server owns its own
 }
+# suffix -> backend; modules are imported only when a file of that kind is opened
+_BACKENDS = {".pt": "torch", ".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt"}
+
+
+def backend_options(backend: str) -> tuple[str, ...]:
+    return BACKENDS[backend][1]
 
 
 def is_served(path) -> bool:
@@ -93,17 +101,20 @@ def is_served(path) -> bool:
     return re.match(r"^(grpc|https?):/", str(path), re.IGNORECASE) is not None
 
 
+def _backend_name(path) -> str:
+    if is_served(path):
+        return "triton"
+    path = Path(path)
+    backend = _BACKENDS.get(path.suffix.lower())
+    if backend is None:
+        raise ModelFileError(f"{path}: unknown model type; expected one of {', '.join(sorted(_BACKENDS))} or grpc://host:port/NAME")
+    return backend
+
+
 def backend_class(path: str | Path) -> type[Engine]:
     """The backend class for a model file, by suffix (or a served model's URL); imports its module (not its runtime)."""
-    if is_served(path):
-        from .triton_engine import TritonEngine
-
-        return TritonEngine
-    path = Path(path)
-    target = _BACKENDS.get(path.suffix.lower())
-    if target is None:
-        raise ModelFileError(f"{path}: unknown model type; expected one of {', '.join(sorted(_BACKENDS))}")
-    module_name, cls_name = target.split(":")
+    backend = _backend_name(path)
+    module_name, cls_name = BACKENDS[backend][0].split(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -120,16 +131,18 @@ def engine_options(path: str | Path, **options: Any) -> dict[str, Any]:
     One the backend does not take, set to a non-default value, is an error naming the backends that
     take it, never silently ignored. Opens nothing, so callers can check before starting work.
     """
-    cls = backend_class(path)
+    backend = _backend_name(path)
+    takes = backend_options(backend)
     path = Path(path)
     if not is_served(path) and not path.is_file():
         raise ModelFileError(f"{path}: model file not found")
-    foreign = sorted(k for k, v in options.items() if k not in cls.OPTIONS and v not in (None, False, 0, ""))
+    foreign = sorted(k for k, v in options.items() if k not in takes and v not in (None, False, 0, ""))
     if foreign:
-        takers = [f"{c.name} ({s})" for s, c in ((s, backend_class(Path("x" + s))) for s in _BACKENDS) if any(n in c.OPTIONS for n in foreign)]
-        raise StfpmError(f"{path}: option(s) {', '.join(foreign)} do not apply to {cls.name} models ({path.suffix}); "
-                         f"they apply to {', '.join(dict.fromkeys(takers)) or 'no backend'}")
-    return {k: v for k, v in options.items() if k in cls.OPTIONS}
+        takers = [f"{name} ({', '.join(sfx for sfx, b in _BACKENDS.items() if b == name) or 'grpc://...'})"
+                  for name, (_, opts) in BACKENDS.items() if any(n in opts for n in foreign)]
+        raise StfpmError(f"{path}: option(s) {', '.join(foreign)} do not apply to {backend} models ({path.suffix or 'served'}); "
+                         f"they apply to {', '.join(takers) or 'no backend'}")
+    return {k: v for k, v in options.items() if k in takes}
 
 
 def open_engine(path: str | Path, **options: Any) -> Engine:

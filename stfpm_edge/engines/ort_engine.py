@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import ModelFileError
 from ..onnxmeta import metadata_from_props
-from .base import Engine
+from .base import Engine, backend_options
 
 
 def read_onnx_metadata(session, path: Path) -> dict:
@@ -17,7 +17,7 @@ def read_onnx_metadata(session, path: Path) -> dict:
 
 class OrtEngine(Engine):
     name = "onnxruntime"
-    OPTIONS = ("threads", "providers")
+    OPTIONS = backend_options("onnxruntime")
 
     def __init__(self, path: str | Path, threads: int = 0, providers: list[str] | None = None):
         import onnxruntime as ort

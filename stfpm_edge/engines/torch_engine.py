@@ -8,12 +8,12 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_checkpoint
-from .base import Engine
+from .base import Engine, backend_options
 
 
 class TorchEngine(Engine):
     name = "torch"
-    OPTIONS = ("device", "batch_size", "threads")
+    OPTIONS = backend_options("torch")
 
     def __init__(self, path: str | Path, device: str = "cpu", batch_size: int = 16, threads: int = 0):
         if threads > 0:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import ModelFileError, StfpmError
 from ..fileio import mask_secrets
-from .base import Engine, EngineUnavailable
+from .base import Engine, EngineUnavailable, backend_options
 
 URL = re.compile(r"^(?P<scheme>grpc|http|https):/{1,2}(?P<rest>.+)$", re.IGNORECASE)
 
@@ -35,7 +35,7 @@ class TritonEngine(Engine):
     (the server must run on this host)."""
 
     name = "triton"
-    OPTIONS = ("timeout_s", "threads")  # threads: accepted and ignored (the server owns its threads)
+    OPTIONS = backend_options("triton")
 
     def __init__(self, spec, timeout_s: float = 10.0, threads: int = 0):
         url = triton_url(spec)

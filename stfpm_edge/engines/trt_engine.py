@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import BackendUnavailable, ModelFileError
 from ..fileio import sha256_file, sidecar_path
-from .base import Engine
+from .base import Engine, backend_options
 from .trt_build import BuildOptions, build_engine, gpu_info, import_tensorrt, rebuild_command, stale_reasons
 
 
@@ -32,7 +32,7 @@ class TensorRTEngine(Engine):
     name = "tensorrt"
     # threads: accepted (and unused: the work runs on the GPU) so that one option set, e.g. bench's
     # --threads for the CPU backends, can be handed to every engine
-    OPTIONS = ("build_if_stale", "zero_copy", "device", "threads")
+    OPTIONS = backend_options("tensorrt")
 
     def __init__(self, path: str | Path, build_if_stale: bool = False, zero_copy: bool = False, device: int = 0, threads: int = 0):
         path = Path(path)
