@@ -262,6 +262,7 @@ class MqttSink(Sink):
             if self.qos == 0:
                 if info.rc == 0:
                     return time.perf_counter()
+                time.sleep(0.1)  # not handed to the socket (the connection just dropped): try again shortly
                 continue
             # QoS 1/2: delivered when the broker acknowledges; paho re-sends in-flight messages after
             # a reconnect, so keep waiting for this one rather than publishing it twice
@@ -270,7 +271,8 @@ class MqttSink(Sink):
                     raise Undelivered("not acknowledged by the broker when the run ended", dropped=True)
                 try:
                     info.wait_for_publish(0.2)
-                except (RuntimeError, ValueError):  # not queued (client-side limit): publish again once connected
+                except (RuntimeError, ValueError):  # not queued (client-side limit): publish again shortly
+                    time.sleep(0.1)
                     break
             else:
                 return time.perf_counter()
