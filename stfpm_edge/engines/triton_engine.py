@@ -10,6 +10,7 @@ server again, so a dead server costs no time per frame.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import urllib.parse
@@ -47,7 +48,8 @@ class TritonEngine(Engine):
         if unknown or query.get("shm", "0") not in ("0", "1"):
             raise ModelFileError(f"{mask_secrets(url)}: the only option of a served model is shm=0/1, got {u.query!r}")
         self.shm = query.get("shm") == "1"
-        self._regions: dict[str, tuple] = {}  # name -> (handle, byte size)
+        self._regions: dict[str, tuple] = {}  # kind -> (handle, byte size)
+        self._shm_base = f"stfpm_{os.getpid()}_{id(self) & 0xFFFFFF:x}"  # region names: <base>_frames, _maps, _scores
         url = urllib.parse.urlunsplit((u.scheme, u.netloc, u.path, "", ""))
         self.url, self.scheme, self.timeout_s = url, u.scheme, float(timeout_s)
         self.server = u.netloc
@@ -96,8 +98,6 @@ class TritonEngine(Engine):
 
     # -- system shared memory (?shm=1): three regions (frames, maps, scores), grown when a batch needs more
     def _region(self, kind: str, nbytes: int):
-        import os
-
         import tritonclient.utils.shared_memory as shm
 
         have = self._regions.get(kind)
@@ -105,19 +105,17 @@ class TritonEngine(Engine):
             return have[0]
         if have is not None:
             self._unregister(kind)
-        name = f"stfpm_{os.getpid()}_{id(self) & 0xFFFFFF:x}_{kind}"
+        name = f"{self._shm_base}_{kind}"
         handle = shm.create_shared_memory_region(name, "/" + name, nbytes)
         self._regions[kind] = (handle, nbytes)
         self._client.register_system_shared_memory(name, "/" + name, nbytes)
         return handle
 
     def _unregister(self, kind: str) -> None:
-        import os
-
         import tritonclient.utils.shared_memory as shm
 
         handle, _ = self._regions.pop(kind)
-        name = f"stfpm_{os.getpid()}_{id(self) & 0xFFFFFF:x}_{kind}"
+        name = f"{self._shm_base}_{kind}"
         try:
             self._client.unregister_system_shared_memory(name)
         except Exception:  # the server may be gone: the region is ours to free all the same
@@ -129,12 +127,10 @@ class TritonEngine(Engine):
             self._unregister(kind)
 
     def _shm_call(self, frames: np.ndarray, c):
-        import os
-
         import tritonclient.utils.shared_memory as shm
 
         n, (h, w) = len(frames), (self.geometry.height, self.geometry.width)
-        base = f"stfpm_{os.getpid()}_{id(self) & 0xFFFFFF:x}"
+        base = self._shm_base
         sizes = {"frames": frames.nbytes, "maps": n * h * w * 4, "scores": n * 4}
         handles = {k: self._region(k, v) for k, v in sizes.items()}
         shm.set_shared_memory_region(handles["frames"], [np.ascontiguousarray(frames)])
