@@ -192,3 +192,22 @@ def test_webhook_that_fails_or_hangs_is_counted_and_never_holds_up_inspection(tm
         assert took < 15
     finally:
         hook.stop()
+
+
+def test_cli_messages_name_the_model_and_the_source(exported, tmp_path):
+    from typer.testing import CliRunner
+
+    from stfpm_edge.cli import app
+
+    _, onnx_path = exported
+    video = tmp_path / "v.mp4"
+    _write_video(video, 6, size=(64, 64))
+    hook = Webhook("ok").start()
+    try:
+        result = CliRunner().invoke(app, ["run", str(onnx_path), "--source", str(video), "--out", str(tmp_path / "o"),
+                                          "--sink", f"http://127.0.0.1:{hook.port}/v?send=all"])
+        assert result.exit_code == 0, result.output
+        assert len(hook.received) == 6 and "sent 6" in result.output
+        assert all(m["model"] == str(onnx_path) and m["source"] == f"video {video}" and "threshold" in m for m in hook.received)
+    finally:
+        hook.stop()

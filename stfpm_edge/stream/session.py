@@ -13,6 +13,7 @@ from typing import Any
 
 from ..engines import engine_options, open_engine
 from ..errors import StfpmError
+from ..fileio import mask_secrets
 from .linescan import LineScanOptions, run_linescan
 from .outputs import RunFolder, check_video_path
 from .pipeline import RunOptions, run_stream
@@ -44,6 +45,8 @@ def run_session(s: Session, progress: bool = True) -> tuple[Path, dict[str, Any]
     if area.save_video is not None:
         check_video_path(area.save_video)
     sinks = [make_sink(url) for url in s.sinks]  # every URL and its options checked before anything connects
+    for sink in sinks:  # what every message and the MQTT status say the verdicts come from
+        sink.context["model"] = mask_secrets(str(s.model))
     if area.ui and s.line_scan is not None:
         raise StfpmError("--ui shows area-scan runs; a line-scan run reports through tiles.jsonl, its heat strip and --sink")
     if area.ui:
