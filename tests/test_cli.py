@@ -149,7 +149,7 @@ def test_run_rejects_bad_numbers_and_exits_nonzero_when_nothing_was_inspected(ex
     for args in (["--max-frames", "-5"], ["--threads", "-3"], ["--line-scan", "--overlap", "1.5"],
                  ["--save-video", str(tmp_path)], ["--save-video", str(tmp_path / "out.txt")],
                  ["--sink", "ftp://x/y"], ["--sink", "mqtt://u:pw@h/t?qos=9"], ["--sink", "modbus://h/coil/x"],
-                 ["--line-scan", "--ui", "127.0.0.1:0"], ["--ui", "0.0.0.0:8080"], ["--pace", "0"]):
+                 ["--line-scan", "--ui", "127.0.0.1:0"], ["--ui", "192.0.2.1:8080"], ["--pace", "0"]):
         result = runner.invoke(app, ["run", str(onnx_path), "--source", str(video), "--out", str(tmp_path / "x"), *args])
         assert result.exit_code == 2 and "Traceback" not in result.output and "pw" not in result.output, (args, result.output)
         assert not (tmp_path / "x").exists()  # refused before the run folder is claimed

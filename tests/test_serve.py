@@ -90,7 +90,7 @@ def test_static_graph_names_and_options_are_refused_clearly(tiny_run, dynamic_on
 def test_serve_options_are_checked_before_anything_starts(dynamic_onnx):
     from stfpm_edge.serve.server import ServeOptions
 
-    for opts, message in ((ServeOptions(host="0.0.0.0", shm=True), "loopback|127.0.0.1"), (ServeOptions(http_port=9, grpc_port=9), "must differ"),
+    for opts, message in ((ServeOptions(host="192.0.2.1", shm=True), "loopback|127.0.0.1"), (ServeOptions(http_port=9, grpc_port=9), "must differ"),
                           (ServeOptions(name="a/b"), "model name"), (ServeOptions(max_batch=0), "max-batch")):
         with pytest.raises(StfpmError, match=message):
             opts.check()

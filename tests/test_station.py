@@ -81,7 +81,7 @@ def test_binds_are_checked():
     with pytest.raises(StfpmError, match="host:port"):
         parse_bind("here:abc")
     with pytest.raises(StfpmError, match="needs a token"):
-        Station("0.0.0.0:0", Path("."), [], [], None, [])
+        Station("192.0.2.1:0", Path("."), [], [], None, [])
 
 
 def test_a_taken_port_is_a_clear_error_before_any_frame(tmp_path):

@@ -65,7 +65,6 @@ class TritonEngine(Engine):
             raise StfpmError("a served model needs tritonclient (pip install 'stfpm-edge[serve]')") from None
         self._client_mod = client
         self._pause_until, self._failures = 0.0, 0
-        self.calls = self.failed_calls = 0
         self._client = self._connect()
         super().__init__(url, self._fetch_meta())
 
@@ -154,7 +153,6 @@ class TritonEngine(Engine):
         if now < self._pause_until:
             raise EngineUnavailable(f"{mask_secrets(self.url)}: server unavailable, retrying in {self._pause_until - now:.1f} s")
         c = self._client_mod
-        self.calls += 1
         try:
             if self.shm:
                 maps, scores = self._shm_call(frames, c)
@@ -166,7 +164,6 @@ class TritonEngine(Engine):
                 r = self._client.infer(self.model_name, [inp], outputs=outs, **kwargs)
                 maps, scores = r.as_numpy("anomaly_map"), r.as_numpy("score")
         except Exception as exc:
-            self.failed_calls += 1
             self._failures += 1
             self._pause_until = time.monotonic() + min(2.0, 0.2 * 2 ** (self._failures - 1))
             if self.shm:  # a restarted server knows none of our regions: register them again on the next call

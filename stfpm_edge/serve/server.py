@@ -21,6 +21,8 @@ import numpy as np
 
 from ..engines import engine_options, open_engine
 from ..errors import StfpmError
+from ..scoring import normalized_score
+from ..stream.station import is_loopback
 from .repo import client_parameters, model_name
 
 
@@ -45,19 +47,10 @@ class ServeOptions:
                 raise StfpmError(f"{label} must lie in 1..65535, got {port}")
         if len({self.http_port, self.grpc_port, self.metrics_port}) != 3:
             raise StfpmError("--http-port, --grpc-port and --metrics-port must differ")
-        if self.shm and not _loopback(self.host):
+        if self.shm and not is_loopback(self.host):
             raise StfpmError("--allow-shm serves clients on this host only: bind --host to 127.0.0.1")
         if not 1 <= self.max_batch <= 1024 or not 1 <= self.instances <= 64 or not 0 <= self.queue_delay_us <= 10_000_000:
             raise StfpmError("--max-batch must lie in 1..1024, --instances in 1..64, --queue-delay-us in 0..10000000")
-
-
-def _loopback(host: str) -> bool:
-    import ipaddress
-
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def server_environment() -> None:
@@ -111,8 +104,6 @@ def _infer_function(engine) -> Callable:
     def infer(frames: np.ndarray):
         maps, scores = engine.infer(frames)
         thr = engine.threshold
-        from ..scoring import normalized_score
-
         scores = np.asarray(scores, np.float32).reshape(-1, 1)
         return {"anomaly_map": np.asarray(maps, np.float32)[:, None], "score": scores,
                 "normalized_score": np.asarray(normalized_score(scores, thr), np.float32)}

@@ -221,16 +221,16 @@ class WebInspection:
             if is_anomalous(score, thr):
                 inner = (y0 > 0, y0 + th < tiler.total or not self.finishing, x0 > 0, x0 + tw < tiler.width)
                 found = tile_detections(tmap, thr, self.margin, inner)
+                dets = []
                 for r, c, peak in found:
                     det = {"row": int(y0 + r), "col": int(x0 + c), "score": peak, "tile": self.n_tiles}
                     if self.opts.mm_per_row:
                         det["position_mm"] = det["row"] * self.opts.mm_per_row
-                    self.detections.append(det)
-                record["peaks"] = [{"row": int(y0 + r), "col": int(x0 + c), "score": p} for r, c, p in found]
-                if found:
-                    message = {"event": "detection", "status": "inspected", "verdict": ANOMALOUS, "tile": self.n_tiles, "score": score,
-                               "peaks": [{**p, **({"position_mm": p["row"] * self.opts.mm_per_row} if self.opts.mm_per_row else {})}
-                                         for p in record["peaks"]]}
+                    dets.append(det)
+                self.detections.extend(dets)
+                record["peaks"] = [{"row": d["row"], "col": d["col"], "score": d["score"]} for d in dets]
+                if dets:
+                    message = {"event": "detection", "status": "inspected", "verdict": ANOMALOUS, "tile": self.n_tiles, "score": score, "peaks": dets}
                     for sink in self.opts.sinks:
                         if sink.wants(message):
                             sink.offer(message, arrival)

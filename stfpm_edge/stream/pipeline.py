@@ -44,6 +44,11 @@ class RunOptions:
     metrics_port: int | None = None  # live Prometheus metrics on this port (0: any free port)
     metrics_host: str = "127.0.0.1"
 
+    def check_sources(self, n: int) -> None:
+        """Refuse the outputs that take one source when a run has ``n`` > 1."""
+        if n > 1 and (self.save_video or self.show):
+            raise StfpmError("--save-video and --show take one source; with several, every record and anomaly picture names its source")
+
     def outputs(self, stop: threading.Event) -> list[Output]:
         """The picture outputs these options ask for (the JSONL record is always written)."""
         outs: list[Output] = []
@@ -117,11 +122,14 @@ def run_stream(engine_factory: Callable[[], Any], source: Source | list[Source],
     stop = stop or threading.Event()
     sources = list(source) if isinstance(source, (list, tuple)) else [source]
     multi = len(sources) > 1
-    if multi and (opts.save_video or opts.show):
+    try:
+        opts.check_sources(len(sources))
+    except StfpmError:
         for src in sources:
             src.close()
-        raise StfpmError("--save-video and --show take one source; with several, every record and anomaly picture names its source")
+        raise
     opts.out_dir.mkdir(parents=True, exist_ok=True)
+    names = [src.describe() for src in sources]
     per_source, events = [Counters() for _ in sources], []
     counters = per_source[0]
     if multi:
@@ -141,12 +149,12 @@ def run_stream(engine_factory: Callable[[], Any], source: Source | list[Source],
         if opts.metrics_port is not None:
             from .metrics import LiveMetrics
 
-            live = LiveMetrics(opts.metrics_port, opts.metrics_host, per_source, [src.describe() for src in sources]).start()
+            live = LiveMetrics(opts.metrics_port, opts.metrics_host, per_source, names).start()
         if opts.ui:
             from .station import Station
 
-            station = Station(opts.ui, opts.out_dir, per_source, [src.describe() for src in sources], inspector, events, opts.ui_token,
-                              title=sources[0].describe() if not multi else f"{len(sources)} sources").start()
+            station = Station(opts.ui, opts.out_dir, per_source, names, inspector, events, opts.ui_token,
+                              title=names[0] if not multi else f"{len(sources)} sources").start()
     except BaseException:
         close_sources()
         if live is not None:
@@ -167,7 +175,7 @@ def run_stream(engine_factory: Callable[[], Any], source: Source | list[Source],
         print(f"metrics: http://{opts.metrics_host}:{live.port}/metrics", flush=True)
     for sink in opts.sinks:
         if not multi:
-            sink.context.setdefault("source", sources[0].describe())
+            sink.context.setdefault("source", names[0])
         sink.context["threshold"] = inspector.threshold
         sink.start()
     captures = [Capture(src, h, c, stop, events, opts.reconnect, opts.max_frames, opts.pace_fps) for src, h, c in zip(sources, handovers, per_source)]
@@ -178,7 +186,7 @@ def run_stream(engine_factory: Callable[[], Any], source: Source | list[Source],
     # the station after the anomaly files it shows
     outputs = opts.outputs(stop) + list(opts.sinks) + [o for o in (live, station) if o is not None]
     stage = OutputStage(JsonlWriter(opts.out_dir / "frames.jsonl"), outputs, per_source, events, inspector, opts.roi,
-                        [src.describe() for src in sources] if multi else None)
+                        names if multi else None)
     writer, outputs = stage.writer, stage.outputs
     bar = None
     if progress:
@@ -217,10 +225,10 @@ def run_stream(engine_factory: Callable[[], Any], source: Source | list[Source],
     wall = t_end - t_start
     if multi:
         summary = summarize(merged(per_source), wall)
-        summary["sources"] = [{"source": src.describe(), **summarize(c, wall)} for src, c in zip(sources, per_source)]
+        summary["sources"] = [{"source": name, **summarize(c, wall)} for name, c in zip(names, per_source)]
     else:
         summary = summarize(counters, wall)
-        summary["source"] = sources[0].describe()
+        summary["source"] = names[0]
     summary["output_failures"] = list(stage.broken.values())
     summary["records_lost"] = writer.lost
     if writer.error:

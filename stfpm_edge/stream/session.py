@@ -62,8 +62,7 @@ def run_session(s: Session, progress: bool = True) -> tuple[Path, dict[str, Any]
         raise StfpmError("give at least one --source")
     if len(specs) > 1 and s.line_scan is not None:
         raise StfpmError("--line-scan takes one source (one web)")
-    if len(specs) > 1 and (area.save_video or area.show):
-        raise StfpmError("--save-video and --show take one source; with several, every record and anomaly picture names its source")
+    area.check_sources(len(specs))
     srcs = []
     try:
         for spec in specs:

@@ -220,7 +220,6 @@ class MqttSink(Sink):
         except ImportError:
             raise StfpmError("--sink mqtt://...: paho-mqtt is not installed (pip install 'stfpm-edge[line]')") from None
         self._connected = threading.Event()
-        self.connects = 0
 
     def _status(self, state: str) -> str:
         return json.dumps({"state": state, **self.context})
@@ -238,7 +237,6 @@ class MqttSink(Sink):
 
         def on_connect(client, userdata, flags, reason, properties):
             if not reason.is_failure:
-                self.connects += 1
                 client.publish(self.status_topic, self._status("running"), qos=1, retain=True)
                 self._connected.set()
             else:
@@ -305,7 +303,6 @@ class ModbusSink(Sink):
         super().__init__(url, "anomalous", q.get("queue", 100), q.get("drain_s", 5.0))
         self.host, self.port, self.timeout = u.hostname or "127.0.0.1", port or 502, q.get("timeout", 1.0)
         self.try_s = 2 * self.timeout + 2 * self.pulse_s
-        self.pulses = 0
         self.stuck_on = False  # the coil was set and the reset has not been acknowledged yet
         try:
             import pymodbus.client  # noqa: F401  (checked now, before the run starts)
@@ -334,7 +331,6 @@ class ModbusSink(Sink):
         time.sleep(self.pulse_s)
         self._write(False)
         self.stuck_on = False
-        self.pulses += 1
         time.sleep(self.pulse_s)
         return on
 
