@@ -48,7 +48,9 @@ class TritonEngine(Engine):
         if unknown or query.get("shm", "0") not in ("0", "1"):
             raise ModelFileError(f"{mask_secrets(url)}: the only option of a served model is shm=0/1, got {u.query!r}")
         self.shm = query.get("shm") == "1"
-        self._regions: dict[str, tuple] = {}  # kind -> (handle, byte size)
+        self._regions: dict[str, tuple] = {}  # kind -> (handle, byte size, region name)
+        self._generation = 0  # every registration gets a fresh name: a stale one on the server never collides
+        self._stale: list[str] = []  # names the server refused to unregister (still in use by a finishing request)
         self._shm_base = f"stfpm_{os.getpid()}_{id(self) & 0xFFFFFF:x}"  # region names: <base>_frames, _maps, _scores
         url = urllib.parse.urlunsplit((u.scheme, u.netloc, u.path, "", ""))
         self.url, self.scheme, self.timeout_s = url, u.scheme, float(timeout_s)
@@ -90,6 +92,10 @@ class TritonEngine(Engine):
 
     def close(self) -> None:
         self._drop_regions()
+        deadline = time.monotonic() + 1.0  # give a request the server is still releasing a moment, bounded
+        while self._stale and time.monotonic() < deadline:
+            time.sleep(0.05)
+            self._retry_stale()
         try:
             self._client.close()
         except Exception:
@@ -101,43 +107,53 @@ class TritonEngine(Engine):
 
         have = self._regions.get(kind)
         if have is not None and have[1] >= nbytes:
-            return have[0]
+            return have
         if have is not None:
             self._unregister(kind)
-        name = f"{self._shm_base}_{kind}"
+        self._retry_stale()
+        self._generation += 1
+        name = f"{self._shm_base}_{kind}_{self._generation}"
         handle = shm.create_shared_memory_region(name, "/" + name, nbytes)
-        self._regions[kind] = (handle, nbytes)
+        self._regions[kind] = (handle, nbytes, name)
         self._client.register_system_shared_memory(name, "/" + name, nbytes)
-        return handle
+        return self._regions[kind]
 
     def _unregister(self, kind: str) -> None:
         import tritonclient.utils.shared_memory as shm
 
-        handle, _ = self._regions.pop(kind)
-        name = f"{self._shm_base}_{kind}"
+        handle, _, name = self._regions.pop(kind)
         try:
             self._client.unregister_system_shared_memory(name)
-        except Exception:  # the server may be gone: the region is ours to free all the same
-            pass
-        shm.destroy_shared_memory_region(handle)
+        except Exception:  # in use by a request the server is still releasing, or the server is gone
+            self._stale.append(name)
+        shm.destroy_shared_memory_region(handle)  # ours to free either way; the server keeps its own mapping
+
+    def _retry_stale(self) -> None:
+        names, self._stale = self._stale, []
+        for name in names:
+            try:
+                self._client.unregister_system_shared_memory(name)
+            except Exception:
+                self._stale.append(name)
 
     def _drop_regions(self) -> None:
         for kind in list(self._regions):
             self._unregister(kind)
+        self._retry_stale()
 
     def _shm_call(self, frames: np.ndarray, c):
         import tritonclient.utils.shared_memory as shm
 
         n, (h, w) = len(frames), (self.geometry.height, self.geometry.width)
-        base = self._shm_base
         sizes = {"frames": frames.nbytes, "maps": n * h * w * 4, "scores": n * 4}
-        handles = {k: self._region(k, v) for k, v in sizes.items()}
+        regions = {k: self._region(k, v) for k, v in sizes.items()}
+        handles = {k: r[0] for k, r in regions.items()}
         shm.set_shared_memory_region(handles["frames"], [np.ascontiguousarray(frames)])
         inp = c.InferInput("frames", list(frames.shape), "UINT8")
-        inp.set_shared_memory(f"{base}_frames", sizes["frames"])
+        inp.set_shared_memory(regions["frames"][2], sizes["frames"])
         outs = [c.InferRequestedOutput("anomaly_map"), c.InferRequestedOutput("score")]
-        outs[0].set_shared_memory(f"{base}_maps", sizes["maps"])
-        outs[1].set_shared_memory(f"{base}_scores", sizes["scores"])
+        outs[0].set_shared_memory(regions["maps"][2], sizes["maps"])
+        outs[1].set_shared_memory(regions["scores"][2], sizes["scores"])
         kwargs = {"client_timeout": self.timeout_s} if self.scheme == "grpc" else {}
         self._client.infer(self.model_name, [inp], outputs=outs, **kwargs)
         maps = shm.get_contents_as_numpy(handles["maps"], np.float32, [n, h, w]).copy()
