@@ -57,6 +57,12 @@ def _fit_batch(geometry: Geometry, frames: list[np.ndarray]) -> np.ndarray:
     return np.stack([geometry.fit_image(f)[0] for f in frames])
 
 
+def _has_student(path: Path) -> bool:
+    from .checkpoint import read_checkpoint
+
+    return "student" in read_checkpoint(path)
+
+
 def reference_backend(path: Path, threads: int) -> Backend:
     """Two networks, then the anomaly map in Python: how reference implementations run STFPM."""
     import torch
@@ -124,7 +130,8 @@ def open_backends(models: list[Path], wanted: list[str] | None, threads: int) ->
             raise StfpmError(f"{path}: model file not found")
         suffix = path.suffix.lower()
         if suffix == ".pt":
-            backends.append(reference_backend(path, threads))
+            if _has_student(path):  # the two-network reference is how papers run a student; a memory bank has none
+                backends.append(reference_backend(path, threads))
             backends.append(engine_backend(path, threads, "torch-fused"))
         else:
             backends.append(engine_backend(path, threads))

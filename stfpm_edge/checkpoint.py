@@ -15,7 +15,7 @@ import torch
 from . import __version__
 from .errors import ModelFileError
 from .fileio import atomic_write_bytes
-from .model import STFPM, MapPost
+from .model import STFPM, MapPost, MemoryBank
 
 FORMAT = "stfpm-edge/checkpoint/1"
 
@@ -32,7 +32,8 @@ def save_checkpoint(path: str | Path, model: STFPM, meta: dict[str, Any]) -> Non
         "format": FORMAT,
         "tool_version": __version__,
         "teacher": {k: v.detach().cpu() for k, v in model.teacher.state_dict().items()},
-        "student": {k: v.detach().cpu() for k, v in model.student.state_dict().items()},
+        ("memory" if isinstance(model.student, MemoryBank) else "student"):
+            {k: v.detach().cpu() for k, v in model.student.state_dict().items()},
         "meta": meta,
     }
     atomic_torch_save(path, payload)
@@ -64,11 +65,19 @@ def load_checkpoint(path: str | Path) -> tuple[STFPM, dict[str, Any]]:
     name = meta["backbone"]
     layers = meta.get("layers")  # absent in checkpoints from before levels were an option
     teacher = backbones.create_features(name, layers)
-    student = backbones.create_features(name, layers)
     try:
         teacher.load_state_dict(payload["teacher"])
-        student.load_state_dict(payload["student"])
-    except RuntimeError as exc:
+        if "memory" in payload:  # --reference memory: the teacher's good features instead of a student
+            banks = payload["memory"]
+            if not all(isinstance(banks.get(f"bank{k}"), torch.Tensor) for k in range(len(banks))):
+                raise RuntimeError("memory bank levels missing")
+            student = MemoryBank([banks[f"bank{k}"] for k in range(len(banks))])
+            if [b.shape[1] for b in student.banks()] != list(teacher.feature_info.channels()):
+                raise RuntimeError(f"bank widths {[b.shape[1] for b in student.banks()]} differ from the teacher's levels")
+        else:
+            student = backbones.create_features(name, layers)
+            student.load_state_dict(payload["student"])
+    except (RuntimeError, AttributeError) as exc:
         raise ModelFileError(f"{path}: weights do not fit backbone {name!r}: {_short(exc)}") from None
     for p in teacher.parameters():
         p.requires_grad_(False)

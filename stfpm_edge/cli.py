@@ -98,6 +98,10 @@ def train(
     select: Optional[str] = typer.Option(None, help="checkpoint: best (lowest validation loss) or last epoch [default: best]"),
     amp: Optional[str] = typer.Option(None, help="mixed precision: off, bf16 (CPU), fp16 (CUDA), auto [default: off]"),
     cache_teacher: Optional[bool] = typer.Option(None, "--cache-teacher/--no-cache-teacher", help="compute the frozen teacher once per image [default: on]"),
+    reference: Optional[str] = typer.Option(None, help="what the teacher is compared with: student (the paper: a network trained for --epochs) or "
+                                            "memory (a coreset of the teacher's own features of the good images: no epochs, more inference work; "
+                                            "see README 'Hard parts') [default: student]"),
+    bank_size: Optional[int] = typer.Option(None, "--bank-size", help="memory: feature rows kept per level [default: 16384]"),
     seed: Optional[int] = typer.Option(None, help="[default: 0]"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (0 = torch's default)"),
     device: Optional[str] = typer.Option(None, help="auto (CUDA when PyTorch sees a GPU), cpu, cuda or cuda:N [default: auto]"),
@@ -119,10 +123,13 @@ def train(
         teacher_weights=str(teacher_weights) if teacher_weights else None, height=h, width=w, resize=resize,
         val_fraction=val_fraction, threshold_quantile=threshold_quantile, augment=augment, cache_teacher=cache_teacher,
         layers=layers, blur_sigma=blur_sigma, topk_fraction=topk_fraction, calib_fraction=calib_fraction, select=select, amp=amp,
-        seed=seed, threads=threads, device=device, overlays=overlays), stored=stored)
+        reference=reference, bank_size=bank_size, seed=seed, threads=threads, device=device, overlays=overlays), stored=stored)
     run_dir, metrics = run_training(cfg, resume=resume)
     _print_metrics(metrics)
-    typer.echo(f"seconds per epoch (median): {_fmt(metrics.get('seconds_per_epoch'))}")
+    if metrics.get("reference") == "memory":
+        typer.echo(f"memory bank built in {_fmt((metrics.get('memory') or {}).get('seconds'))} s")
+    else:
+        typer.echo(f"seconds per epoch (median): {_fmt(metrics.get('seconds_per_epoch'))}")
     typer.echo(f"run folder: {run_dir}  (model.pt, metrics.json, scores.csv, roc.png, overlays/)")
 
 

@@ -35,6 +35,8 @@ class TrainConfig:
     blur_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, model-input pixels (0 = the paper's raw map)
     topk_fraction: float = 0.0  # image score = mean of this fraction of the top map pixels; 0 = max
     cache_teacher: bool = True
+    reference: str = "student"  # student (the paper: a network learns the teacher) or memory (a coreset of the teacher's good features)
+    bank_size: int = 16384  # memory: rows per feature level
     threshold_quantile: float = 0.99
     threads: int = 0
     device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N
@@ -42,6 +44,9 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+REFERENCES = ("student", "memory")
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
@@ -112,7 +117,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise StfpmError("no data set given: pass --data DIR (or data: in the --config file)")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise StfpmError("epochs and batch size must be at least 1")
-    for name, allowed in (("augment", AUGMENTS), ("amp", AMP_MODES), ("select", ("best", "last"))):
+    if cfg.bank_size < 1:
+        raise StfpmError(f"config: bank_size must be at least 1, got {cfg.bank_size}")
+    for name, allowed in (("augment", AUGMENTS), ("amp", AMP_MODES), ("select", ("best", "last")), ("reference", REFERENCES)):
         if getattr(cfg, name) not in allowed:
             raise StfpmError(f"config: {name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
     if not 0.0 < cfg.threshold_quantile <= 1.0:

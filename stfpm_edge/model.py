@@ -30,12 +30,63 @@ def stfpm_loss(t_feats: Sequence[torch.Tensor], s_feats: Sequence[torch.Tensor])
 
 
 def anomaly_map(t_feats: Sequence[torch.Tensor], s_feats: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-    """Each level's distance upsampled (bilinear, align_corners=False) to ``size``; levels multiplied."""
+    """Each level's teacher-student distance, combined by ``combine_levels``."""
+    return combine_levels([feature_distance(t, s) for t, s in zip(t_feats, s_feats)], size)
+
+
+def combine_levels(distances: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """Per-level distance maps [N, 1, h, w] upsampled (bilinear, align_corners=False) to ``size``; levels multiplied."""
     amap = None
-    for t, s in zip(t_feats, s_feats):
-        d = F.interpolate(feature_distance(t, s), size=size, mode="bilinear", align_corners=False)
+    for d in distances:
+        d = F.interpolate(d, size=size, mode="bilinear", align_corners=False)
         amap = d if amap is None else amap * d
     return amap
+
+
+class MemoryBank(nn.Module):
+    """The reference a student would learn, kept instead as the teacher's own features of good images.
+
+    Per level, rows of unit-length teacher features (a coreset of the good training positions). A
+    position's distance is ``feature_distance`` to its nearest row: for unit vectors
+    0.5 * ||t/|t| - b||^2 = 1 - cos(t, b), so the map is the student's map with the nearest good
+    feature in the student's place. Built by ``build_memory`` at training time; no epochs.
+    """
+
+    CHUNK = 4096  # bank rows per similarity block: bounds the intermediate to positions x CHUNK
+
+    def __init__(self, banks: Sequence[torch.Tensor]):
+        super().__init__()
+        self.levels = len(banks)
+        for k, b in enumerate(banks):
+            self.register_buffer(f"bank{k}", b.float().contiguous())
+
+    def banks(self) -> list[torch.Tensor]:
+        return [getattr(self, f"bank{k}") for k in range(self.levels)]
+
+    def distances(self, t_feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for t, bank in zip(t_feats, self.banks()):
+            n, c, h, w = t.shape
+            q = F.normalize(t.float(), dim=1).permute(0, 2, 3, 1).reshape(n, h * w, c)
+            best = None
+            for i in range(0, bank.shape[0], self.CHUNK):  # unrolled at export: a few MatMul + ReduceMax
+                sim = (q @ bank[i : i + self.CHUNK].T).amax(dim=2)
+                best = sim if best is None else torch.maximum(best, sim)
+            out.append((1.0 - best).clamp_min(0.0).reshape(n, 1, h, w))
+        return out
+
+
+def greedy_coreset(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of ``k`` rows of unit vectors ``x`` chosen by greedy k-centre (farthest point first)."""
+    if k >= len(x):
+        return torch.arange(len(x))
+    chosen = torch.empty(k, dtype=torch.long)
+    chosen[0] = int(torch.randint(len(x), (1,), generator=generator))
+    nearest = 2.0 - 2.0 * (x @ x[chosen[0]])  # squared distance to the closest chosen row
+    for i in range(1, k):
+        chosen[i] = int(nearest.argmax())
+        nearest = torch.minimum(nearest, 2.0 - 2.0 * (x @ x[chosen[i]]))
+    return chosen
 
 
 def image_score(amap: torch.Tensor, topk: int = 1) -> torch.Tensor:
@@ -98,6 +149,9 @@ def blur_map(amap: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 class STFPM(nn.Module):
     """Teacher + student. ``forward`` takes uint8 BGR frames [N, H, W, 3] at model size.
 
+    The student slot holds either the student network (the paper) or a ``MemoryBank`` of the
+    teacher's good features (``--reference memory``); the map is the same function of both.
+
     Casting, BGR->RGB and mean/std normalisation happen here (so also inside the exported graph):
     the deploy side only resizes. ``features`` takes already normalised float input, for training.
     """
@@ -148,11 +202,17 @@ class STFPM(nn.Module):
         x = self.normalize(frames)
         # Backbones may run in FP16 (the FP16 export); the head (normalise, squared difference,
         # upsample, product) always runs in FP32, where squared sums cannot overflow.
-        dtype = next(self.student.parameters()).dtype
-        t, s = self.features(x if dtype == torch.float32 else x.to(dtype))
-        if dtype != torch.float32:
-            t, s = [f.float() for f in t], [f.float() for f in s]
-        amap = anomaly_map(t, s, (x.shape[-2], x.shape[-1]))
+        dtype = next(self.teacher.parameters()).dtype
+        x_in = x if dtype == torch.float32 else x.to(dtype)
+        if isinstance(self.student, MemoryBank):  # the nearest good feature in the student's place (FP32 bank)
+            with torch.no_grad():
+                t = [f.float() for f in self.teacher(x_in)]
+            amap = combine_levels(self.student.distances(t), (x.shape[-2], x.shape[-1]))
+        else:
+            t, s = self.features(x_in)
+            if dtype != torch.float32:
+                t, s = [f.float() for f in t], [f.float() for f in s]
+            amap = anomaly_map(t, s, (x.shape[-2], x.shape[-1]))
         if self.blur_kernel.numel():
             amap = blur_map(amap, self.blur_kernel)
         return amap, image_score(amap, self.post.topk(x.shape[-2], x.shape[-1]))

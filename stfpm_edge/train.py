@@ -173,7 +173,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> tupl
     """
     with TrainingStore() as store:
         prepared = _prepare(cfg, resume, progress, store)
-        training = _fit(prepared, resume, progress)
+        training = _fit_memory(prepared, progress) if cfg.reference == "memory" else _fit(prepared, resume, progress)
         return _finish(prepared, training, progress)
 
 
@@ -191,7 +191,7 @@ class Prepared:
     calib_imgs: Any
     model: STFPM
     cache_train: TeacherCache | None
-    cache_val: TeacherCache
+    cache_val: TeacherCache | None
 
 
 def _prepare(cfg: TrainConfig, resume: bool, progress: bool, store: TrainingStore) -> Prepared:
@@ -218,9 +218,10 @@ def _prepare(cfg: TrainConfig, resume: bool, progress: bool, store: TrainingStor
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model = STFPM.build(cfg.backbone, cfg.teacher_weights, layers=layers, post=post).to(device)
-    use_cache = cfg.cache_teacher and cfg.augment == "none"
+    use_cache = cfg.cache_teacher and cfg.augment == "none" and cfg.reference == "student"
     cache_train = TeacherCache(model, train_imgs, cfg.batch_size, store, "train") if use_cache else None
-    cache_val = TeacherCache(model, val_imgs, cfg.batch_size, store, "val")  # validation images are never augmented
+    # validation images are never augmented; a memory bank has nothing to select
+    cache_val = TeacherCache(model, val_imgs, cfg.batch_size, store, "val") if cfg.reference == "student" else None
     return Prepared(cfg, run_dir, dataset, geometry, splits, train_imgs, val_imgs, calib_imgs, model, cache_train, cache_val)
 
 
@@ -274,6 +275,56 @@ def _fit(p: Prepared, resume: bool, progress: bool) -> dict[str, Any]:
             "seconds_per_epoch": float(np.median(epoch_seconds)) if epoch_seconds else None}
 
 
+POOL_PER_LEVEL = 500_000  # most candidate positions per level before the coreset: bounds memory and time
+
+
+def _fit_memory(p: Prepared, progress: bool) -> dict[str, Any]:
+    """``--reference memory``: the teacher's features of the good training images, a coreset per level.
+
+    Positions are drawn evenly from every image into a pool of at most POOL_PER_LEVEL per level
+    (memory stays bounded however many images there are), then greedy k-centre keeps
+    ``bank_size`` rows that cover the pool. No epochs; the threshold and evaluation follow as usual.
+    """
+    from tqdm import tqdm
+
+    from .model import MemoryBank, greedy_coreset
+
+    cfg, model, run_dir = p.cfg, p.model, p.run_dir
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(cfg.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "config.json", cfg.to_dict())
+    t0 = time.perf_counter()
+    n = len(p.train_imgs)
+    pools: list[list[torch.Tensor]] = []
+    model.eval()
+    with torch.inference_mode():
+        for idx in tqdm(_batches(n, cfg.batch_size, None), desc="teacher features", unit="batch", disable=not progress):
+            feats = model.teacher(model.normalize(torch.from_numpy(p.train_imgs[idx.numpy()]).to(device)))
+            for k, f in enumerate(feats):
+                if len(pools) <= k:
+                    pools.append([])
+                b, c, h, w = f.shape
+                rows = F.normalize(f.float(), dim=1).permute(0, 2, 3, 1).reshape(b, h * w, c)
+                keep = min(h * w, max(1, POOL_PER_LEVEL // n))
+                for r in rows:
+                    pick = torch.randperm(h * w, generator=generator)[:keep] if keep < h * w else slice(None)
+                    pools[k].append(r[pick].cpu())
+    banks = []
+    for k, chunks in enumerate(pools):
+        pool = torch.cat(chunks)
+        size = min(cfg.bank_size, len(pool))
+        if progress:
+            print(f"level {k}: coreset of {size} from {len(pool)} positions")
+        banks.append(pool[greedy_coreset(pool, size, generator)])
+    model.student = MemoryBank(banks).to(device)
+    model.eval()
+    seconds = time.perf_counter() - t0
+    return {"epochs": 0, "best_epoch": 0, "best_val_loss": None, "history": [], "seconds_per_epoch": None,
+            "memory": {"rows_per_level": [len(b) for b in banks], "pool_per_level": [sum(len(c) for c in ch) for ch in pools],
+                       "seconds": seconds}}
+
+
 def _finish(p: Prepared, training: dict[str, Any], progress: bool) -> tuple[Path, dict[str, Any]]:
     """Threshold from held-out good images, the self-contained checkpoint, evaluation and reports."""
     from .engines.torch_engine import TorchEngine
@@ -304,8 +355,9 @@ def _finish(p: Prepared, training: dict[str, Any], progress: bool) -> tuple[Path
 
     result = evaluate(TorchEngine.from_model(model, meta).infer, dataset.test, geometry, threshold, progress=progress)
     record = write_outputs(result, run_dir, geometry, threshold, dataset, cfg.overlays, extra={
-        "backbone": cfg.backbone, "epochs": cfg.epochs, "best_epoch": training["best_epoch"],
-        "seconds_per_epoch": training["seconds_per_epoch"], "model": str(run_dir / MODEL)})
+        "backbone": cfg.backbone, "reference": cfg.reference, "epochs": training["epochs"], "best_epoch": training["best_epoch"],
+        "seconds_per_epoch": training["seconds_per_epoch"], "model": str(run_dir / MODEL),
+        **({"memory": training["memory"]} if "memory" in training else {})})
     meta["metrics"] = {k: v for k, v in result.metrics.items()}
     save_checkpoint(run_dir / MODEL, model, meta)  # now with the metrics it earned
     (run_dir / LAST).unlink(missing_ok=True)  # finished: the checkpoint supersedes the resume state

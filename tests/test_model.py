@@ -101,3 +101,31 @@ def test_topk_score_is_the_mean_of_the_largest_pixels():
     assert MapPost(topk_fraction=0.5).topk(512, 512) == 3840  # TensorRT's TopK limit
     with pytest.raises(Exception, match="top-k"):
         MapPost(topk_fraction=1.5)
+
+
+def test_memory_bank_distance_is_the_student_distance_to_the_nearest_good_feature():
+    from stfpm_edge.model import MemoryBank
+
+    g = torch.Generator().manual_seed(0)
+    bank = torch.nn.functional.normalize(torch.randn(9000, 5, generator=g), dim=1)  # more rows than one chunk
+    t = torch.randn(2, 5, 3, 4, generator=g)
+    (d,) = MemoryBank([bank]).distances([t])
+    # by hand: feature_distance to every row, the smallest per position
+    rows = t.permute(0, 2, 3, 1).reshape(-1, 1, 5, 1, 1)
+    brute = torch.stack([feature_distance(r, bank.view(-1, 5, 1, 1)).min() for r in rows]).view(2, 1, 3, 4)
+    assert d.shape == (2, 1, 3, 4) and torch.allclose(d, brute, atol=1e-5)
+    # a position equal to a bank row (up to scale) is at distance 0
+    (d0,) = MemoryBank([bank]).distances([(3.0 * bank[1234]).view(1, 5, 1, 1)])
+    assert d0.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_greedy_coreset_covers_every_cluster():
+    from stfpm_edge.model import greedy_coreset
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(4)
+    x = torch.nn.functional.normalize(centres.repeat_interleave(250, 0) + 0.01 * torch.randn(1000, 4, generator=g), dim=1)
+    x = torch.cat([x[:997], x[-3:]])  # a rare cluster of 3 rows among 997 others still gets a row
+    picked = greedy_coreset(x, 4, g)
+    assert sorted(int(i) // 250 for i in picked) == [0, 1, 2, 3]
+    assert len(greedy_coreset(x, 5000, g)) == 1000  # asking for more rows than there are keeps them all

@@ -168,3 +168,25 @@ def test_levers_train_and_travel_in_the_checkpoint(synthetic_mvtec, tmp_path):
     assert meta["dataset"]["n_calib"] == 4 and "calibration split" in meta["threshold"]["rule"]
     assert len(model.teacher.feature_info.channels()) == 2 and model.post.topk(64, 64) == 41
     assert m["false_alarm_rate"] is not None and 0.0 <= m["false_alarm_rate"] <= 1.0
+
+
+def test_memory_reference_trains_without_epochs_exports_at_parity_and_reloads(synthetic_mvtec, tmp_path):
+    from typer.testing import CliRunner
+
+    from stfpm_edge.cli import app
+    from stfpm_edge.model import MemoryBank
+
+    cfg = load_config(None, dict(data=str(synthetic_mvtec), out=str(tmp_path / "run"), height=64, width=64, epochs=1,
+                                 reference="memory", bank_size=300, threads=1, overlays=0))
+    run_dir, metrics = train(cfg, progress=False)
+    assert metrics["reference"] == "memory" and metrics["epochs"] == 0
+    model, meta = load_checkpoint(run_dir / "model.pt")
+    n = meta["dataset"]["n_train"]  # stride 16 at 64 px: 4x4 positions per image, fewer than 300 in all
+    assert metrics["memory"]["rows_per_level"] == [300, 300, 16 * n] and 16 * n < 300
+    assert metrics["image_auroc"] > 0.9  # the generated defects stand out of the teacher's own good features
+    assert isinstance(model.student, MemoryBank) and [len(b) for b in model.student.banks()] == [300, 300, 16 * n]
+    assert "student" not in read_checkpoint(run_dir / "model.pt")
+    result = CliRunner().invoke(app, ["export", str(run_dir / "model.pt"), "--out", str(tmp_path / "m.onnx"), "--data", str(synthetic_mvtec)])
+    assert result.exit_code == 0 and "parity: OK" in result.output, result.output
+    with pytest.raises(StfpmError, match="reference"):
+        load_config(None, dict(data=str(synthetic_mvtec), reference="knn"))
