@@ -30,7 +30,7 @@ def main() -> None:
         data = make_mvtec_like(Path(tmp) / "wide", n_train=100, n_test_good=20, n_test_defect=30, height=h, width=w, seed=3)
         for mode in ("squash", "letterbox"):
             cfg = load_config(None, dict(data=str(data), out=str(Path(tmp) / mode), epochs=args.epochs, batch_size=16,
-                                         height=args.size, width=args.size, resize=mode, overlays=0))
+                                         height=args.size, width=args.size, resize=mode, overlays=0, reference="student"))
             _, m = train(cfg, progress=False)
             results[mode] = {k: m[k] for k in ("image_auroc", "pixel_auroc", "pixel_f1", "aupro", "image_f1")}
     print(json.dumps({"source": [h, w], "model": [args.size, args.size], "epochs": args.epochs, "results": results}, indent=2))

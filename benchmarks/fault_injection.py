@@ -136,7 +136,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     for sig in (signal.SIGINT, signal.SIGKILL):
         folder = out / f"train-{sig.name}"
-        code, t = signal_at_random(CLI + ["train", "--data", str(data), "--out", str(folder), "--size", "64", "--epochs", "2000", "--batch-size", "8"],
+        code, t = signal_at_random(CLI + ["train", "--data", str(data), "--out", str(folder), "--size", "64", "--epochs", "2000", "--batch-size", "8",
+                                           "--reference", "student"],
                                    sig, 4.0, 10.0, rng)
         record(f"train, {sig.name}", code, t, folder, frames=False)
         # resume, finishing soon: epochs may change on --resume, everything else is the run's own

@@ -92,9 +92,7 @@ def main() -> None:
     # FP16 fidelity: backbones in half precision, head in FP32 (what STFPM.forward does for a half model)
     import copy
 
-    half = copy.deepcopy(model)
-    half.teacher.half()
-    half.student.half()
+    half = copy.deepcopy(model).half_backbones()
     with torch.inference_mode():
         m32, s32 = zip(*[model(x_all[i : i + 16]) for i in range(0, len(x_all), 16)])
         m16, s16 = zip(*[half(x_all[i : i + 16]) for i in range(0, len(x_all), 16)])
@@ -127,7 +125,7 @@ def main() -> None:
     for amp in ("off", "auto") if args.train_epochs > 0 else ():
         with tempfile.TemporaryDirectory() as tmp:
             cfg = load_config(None, dict(data=str(args.data), out=str(Path(tmp) / amp), epochs=args.train_epochs, overlays=0,
-                                         device=args.device, amp=amp, height=geo["height"], width=geo["width"]))
+                                         reference="student", device=args.device, amp=amp, height=geo["height"], width=geo["width"]))
             t0 = time.time()
             _, m = train(cfg, progress=False)
             out["training"][amp] = {"seconds_per_epoch": m["seconds_per_epoch"], "run_s": time.time() - t0,

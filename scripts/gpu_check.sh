@@ -12,8 +12,11 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv || true
 $PY -c "import torch; assert torch.cuda.is_available(), 'PyTorch sees no CUDA GPU'; print('torch', torch.__version__, '|', torch.cuda.get_device_name(0))"
 MODEL=${1:-}
 if [ -z "$MODEL" ]; then
-  $PY -m stfpm_edge.cli train --data ../shared/data/mvtec/bottle --epochs 10 --out "$OUT/run" --overlays 0 --device cuda
+  # the default (a memory of the teacher's good features) on the GPU, then a student for the epoch timings
+  $PY -m stfpm_edge.cli train --data ../shared/data/mvtec/bottle --out "$OUT/memory" --overlays 0 --device cuda
+  $PY -m stfpm_edge.cli train --data ../shared/data/mvtec/bottle --reference student --epochs 10 --out "$OUT/run" --overlays 0 --device cuda
   MODEL="$OUT/run/model.pt"
+  $PY benchmarks/torch_gpu.py --model "$OUT/memory/model.pt" --data ../shared/data/mvtec/bottle --train-epochs 0 --json "$OUT/torch_gpu_memory.json" 2>&1 | tee "$OUT/torch_gpu_memory.log"
 fi
 $PY benchmarks/torch_gpu.py --model "$MODEL" --data ../shared/data/mvtec/bottle --json "$OUT/torch_gpu.json" 2>&1 | tee "$OUT/torch_gpu.log"
 if ! $PY -c "import tensorrt, pycuda.driver as c; c.init(); print('TensorRT', tensorrt.__version__, '|', c.Device(0).name())"; then

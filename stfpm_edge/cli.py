@@ -73,12 +73,12 @@ def _print_metrics(m: dict) -> None:
         typer.echo(f"note: {note}")
 
 
-@command(help="Train a student on good images, keep the best-validation checkpoint, then evaluate it.")
+@command(help="Learn the good images (a memory of the teacher's features, or a student network), set the threshold, evaluate.")
 def train(
     data: Optional[Path] = typer.Option(None, "--data", help="data set folder: MVTec AD layout (train/good, test/, ground_truth/) or good/ + <defect>/ + masks/"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of the options below (flags override it); see configs/"),
     out: Optional[Path] = typer.Option(None, "--out", help="run folder [default: runs/<data>-<backbone>-<time>]"),
-    epochs: Optional[int] = typer.Option(None, help="training epochs [default: 100]"),
+    epochs: Optional[int] = typer.Option(None, help="training epochs of a student (--reference student) [default: 100]"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="[default: 32]"),
     lr: Optional[float] = typer.Option(None, help="SGD learning rate [default: 0.4]"),
     momentum: Optional[float] = typer.Option(None, help="[default: 0.9]"),
@@ -100,7 +100,7 @@ def train(
     cache_teacher: Optional[bool] = typer.Option(None, "--cache-teacher/--no-cache-teacher", help="compute the frozen teacher once per image [default: on]"),
     reference: Optional[str] = typer.Option(None, help="what the teacher is compared with: student (the paper: a network trained for --epochs) or "
                                             "memory (a coreset of the teacher's own features of the good images: no epochs, more inference work; "
-                                            "see README 'Hard parts') [default: student]"),
+                                            "see README 'Hard parts') [default: memory]"),
     bank_size: Optional[int] = typer.Option(None, "--bank-size", help="memory: feature rows kept per level [default: 16384]"),
     seed: Optional[int] = typer.Option(None, help="[default: 0]"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (0 = torch's default)"),
@@ -124,6 +124,8 @@ def train(
         val_fraction=val_fraction, threshold_quantile=threshold_quantile, augment=augment, cache_teacher=cache_teacher,
         layers=layers, blur_sigma=blur_sigma, topk_fraction=topk_fraction, calib_fraction=calib_fraction, select=select, amp=amp,
         reference=reference, bank_size=bank_size, seed=seed, threads=threads, device=device, overlays=overlays), stored=stored)
+    if cfg.reference == "memory" and epochs is not None:
+        typer.echo("note: --epochs applies to a student (--reference student); a memory reference has no epochs")
     run_dir, metrics = run_training(cfg, resume=resume)
     _print_metrics(metrics)
     if metrics.get("reference") == "memory":
@@ -414,14 +416,15 @@ def serve(
 @command(help="The whole job on GENERATED data: train briefly, export, run a video and a line-scan web, write a report.")
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="folder for everything the demo writes"),
-    epochs: int = typer.Option(40, help="training epochs"),
+    epochs: int = typer.Option(40, help="training epochs (with --reference student)"),
+    reference: str = typer.Option("memory", help="memory (the default of train) or student"),
     size: int = typer.Option(128, help="model input size (square); generated images are twice as large"),
     frames: int = typer.Option(300, help="frames in the generated video"),
     web_rows: int = typer.Option(3200, "--web-rows", help="rows of the generated line-scan web"),
 ):
     from .demo import run_demo
 
-    run_demo(out, epochs=epochs, size=size, n_frames=frames, web_rows=web_rows)
+    run_demo(out, epochs=epochs, size=size, n_frames=frames, web_rows=web_rows, reference=reference)
 
 
 @command(help="Build a TensorRT engine (and its JSON sidecar) from an exported ONNX graph, on the target GPU.")

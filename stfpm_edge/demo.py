@@ -44,7 +44,8 @@ def make_web(rows: int, width: int, defect_rows: list[int], seed: int) -> np.nda
     return web
 
 
-def run_demo(out: Path, epochs: int = 40, size: int = 128, n_frames: int = 300, web_rows: int = 3200, seed: int = 0) -> dict[str, Any]:
+def run_demo(out: Path, epochs: int = 40, size: int = 128, n_frames: int = 300, web_rows: int = 3200, seed: int = 0,
+             reference: str | None = None) -> dict[str, Any]:
     from .config import load_config
     from .engines import open_engine
     from .errors import StfpmError
@@ -65,9 +66,12 @@ def run_demo(out: Path, epochs: int = 40, size: int = 128, n_frames: int = 300, 
     src = 2 * size
     data = make_mvtec_like(out / "data" / "weave", n_train=160, n_test_good=10, n_test_defect=15, height=src, width=src, seed=seed)
     print(f"[1/5] generated data set: {data}")
-    cfg = load_config(None, dict(data=str(data), out=str(out / "train"), epochs=epochs, batch_size=16, height=size, width=size, overlays=6, seed=seed))
+    cfg = load_config(None, dict(data=str(data), out=str(out / "train"), epochs=epochs, batch_size=16, height=size, width=size, overlays=6,
+                                 seed=seed, reference=reference))
     run_dir, metrics = train(cfg, resume=(out / "train" / "last.pt").is_file())
-    print(f"[2/5] trained {epochs} epochs: image AUROC {metrics['image_auroc']:.3f}, pixel AUROC {metrics['pixel_auroc']:.3f}")
+    learned = (f"a memory of {sum(metrics['memory']['rows_per_level'])} good teacher features" if cfg.reference == "memory"
+               else f"a student for {epochs} epochs")
+    print(f"[2/5] learned {learned}: image AUROC {metrics['image_auroc']:.3f}, pixel AUROC {metrics['pixel_auroc']:.3f}")
     onnx_path = out / "model.onnx"
     _, report = export_verified(run_dir / "model.pt", onnx_path, data=data, progress=False)  # raises unless parity holds
     ok = report["parity_ok"]
@@ -109,7 +113,7 @@ figures show that the pipeline works end to end; they are not accuracy on real p
 
 | step | result |
 |---|---|
-| training ({epochs} epochs, {size}x{size}) | image AUROC {metrics['image_auroc']:.3f}, pixel AUROC {metrics['pixel_auroc']:.3f}, AUPRO {metrics['aupro']:.3f}, threshold {metrics['threshold']:.4g} |
+| training ({learned}, {size}x{size}) | image AUROC {metrics['image_auroc']:.3f}, pixel AUROC {metrics['pixel_auroc']:.3f}, AUPRO {metrics['aupro']:.3f}, threshold {metrics['threshold']:.4g} |
 | ONNX export | parity {'OK' if ok else 'FAILED'}, max abs map difference {report['engines']['onnxruntime']['max_abs_map_diff']:.2g} |
 | video ({stream['frames_read']} frames) | inspected {stream['frames_inspected']}, failed {stream['frames_failed']}, dropped {stream['frames_dropped']}, {stream['fps']:.1f} FPS; defect frames flagged {hits}/{len(bad_frames)}, false alarms {len(flagged - set(bad_frames))} |
 | line-scan ({ls['rows_received']} rows x {ls['web_width']} px) | tiles {ls['tiles_inspected']}, rows uninspected {ls['rows_uninspected']}; planted rows {defect_rows}, found rows {found} |

@@ -49,7 +49,7 @@ class MemoryBank(nn.Module):
     Per level, rows of unit-length teacher features (a coreset of the good training positions). A
     position's distance is ``feature_distance`` to its nearest row: for unit vectors
     0.5 * ||t/|t| - b||^2 = 1 - cos(t, b), so the map is the student's map with the nearest good
-    feature in the student's place. Built by ``build_memory`` at training time; no epochs.
+    feature in the student's place. Built at training time (``train._fit_memory``); no epochs.
     """
 
     CHUNK = 4096  # bank rows per similarity block: bounds the intermediate to positions x CHUNK
@@ -180,6 +180,13 @@ class STFPM(nn.Module):
               layers: Sequence[int] | None = None, post: MapPost | None = None) -> "STFPM":
         teacher = backbones.create_teacher(backbone, teacher_weights, layers) if pretrained else _frozen(backbones.create_features(backbone, layers))
         return cls(backbone, teacher, backbones.create_features(backbone, layers), post).to(memory_format=torch.channels_last)
+
+    def half_backbones(self) -> "STFPM":
+        """Networks in FP16 (the FP16 export); the head and a memory bank stay FP32 (distances near 0 need the bits)."""
+        self.teacher.half()
+        if not isinstance(self.student, MemoryBank):
+            self.student.half()
+        return self
 
     def train(self, mode: bool = True) -> "STFPM":
         super().train(mode)

@@ -17,12 +17,13 @@ def synthetic_mvtec(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_run(synthetic_mvtec, tmp_path_factory):
-    """A model trained for two epochs at 64x64 on the synthetic set (shared by several tests)."""
+    """A student trained for two epochs at 64x64 on the synthetic set (shared by several tests)."""
     from stfpm_edge.config import load_config
     from stfpm_edge.train import train
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    cfg = load_config(None, dict(data=str(synthetic_mvtec), out=str(out), epochs=2, batch_size=8, height=64, width=64, lr=0.05, overlays=3))
+    cfg = load_config(None, dict(data=str(synthetic_mvtec), out=str(out), epochs=2, batch_size=8, height=64, width=64, lr=0.05, overlays=3,
+                                 reference="student"))
     run_dir, metrics = train(cfg, progress=False)
     return run_dir, metrics
 

@@ -166,7 +166,8 @@ def test_huge_model_size_is_one_clear_line(synthetic_mvtec, tmp_path):
 
 def test_resume_keeps_the_runs_own_settings(synthetic_mvtec, tmp_path):
     out = tmp_path / "r"
-    first = runner.invoke(app, ["train", "--data", str(synthetic_mvtec), "--out", str(out), "--size", "64", "--batch-size", "4", "--epochs", "1"])
+    first = runner.invoke(app, ["train", "--data", str(synthetic_mvtec), "--out", str(out), "--size", "64", "--batch-size", "4", "--epochs", "1",
+                                "--reference", "student"])
     assert first.exit_code == 0, first.output
     state = json.loads((out / "config.json").read_text())
     assert state["height"] == 64 and state["batch_size"] == 4

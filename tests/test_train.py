@@ -62,7 +62,7 @@ class Exploit:
 
 
 def _cfg(data, out, **kw):
-    base = dict(data=str(data), out=str(out), epochs=2, batch_size=8, height=64, width=64, lr=0.05, overlays=0)
+    base = dict(data=str(data), out=str(out), epochs=2, batch_size=8, height=64, width=64, lr=0.05, overlays=0, reference="student")
     base.update(kw)
     return load_config(None, base)
 

@@ -20,7 +20,7 @@ from .. import __version__
 from ..checkpoint import load_checkpoint
 from ..errors import StfpmError
 from ..fileio import sha256_file
-from ..model import STFPM, MemoryBank, flops_per_frame
+from ..model import STFPM, flops_per_frame
 from ..onnxmeta import save_onnx
 from ..scoring import normalized_score
 
@@ -113,9 +113,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, batch: int = 1, dynamic
     freeze_same_padding(model, torch.zeros(1, geo["height"], geo["width"], 3, dtype=torch.uint8))
     flops = flops_per_frame(model, geo["height"], geo["width"])
     if precision == "fp16":
-        model.teacher.half()
-        if not isinstance(model.student, MemoryBank):  # a memory bank stays FP32: distances near 0 need the bits
-            model.student.half()
+        model.half_backbones()
     dummy = torch.zeros(batch, geo["height"], geo["width"], 3, dtype=torch.uint8)
     axes = {name: {0: "batch"} for name in (INPUT, *OUTPUTS)} if dynamic else None
     buf = io.BytesIO()
