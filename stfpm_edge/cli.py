@@ -67,7 +67,7 @@ def _print_metrics(m: dict) -> None:
     typer.echo(
         f"image AUROC {_fmt(m.get('image_auroc'))} | pixel AUROC {_fmt(m.get('pixel_auroc'))} | "
         f"pixel F1 {_fmt(m.get('pixel_f1'))} | AUPRO@0.3 {_fmt(m.get('aupro'))} | "
-        f"image F1 @ threshold {_fmt(m.get('image_f1'))} (threshold {_fmt(m.get('threshold'))})"
+        f"image F1 @ threshold {_fmt(m.get('image_f1'))} (threshold {'n/a' if m.get('threshold') is None else format(m['threshold'], '.4g')})"
     )
     for note in m.get("notes", []):
         typer.echo(f"note: {note}")
@@ -101,7 +101,7 @@ def train(
     reference: Optional[str] = typer.Option(None, help="what the teacher is compared with: student (the paper: a network trained for --epochs) or "
                                             "memory (a coreset of the teacher's own features of the good images: no epochs, more inference work; "
                                             "see README 'Hard parts') [default: memory]"),
-    bank_size: Optional[int] = typer.Option(None, "--bank-size", help="memory: feature rows kept per level [default: 16384]"),
+    bank_size: Optional[int] = typer.Option(None, "--bank-size", help="memory: feature rows kept per level; fewer make CPU inference faster (16384: 1.5x faster, pixel AUROC 0.1 pt lower on screw) [default: 32768]"),
     seed: Optional[int] = typer.Option(None, help="[default: 0]"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (0 = torch's default)"),
     device: Optional[str] = typer.Option(None, help="auto (CUDA when PyTorch sees a GPU), cpu, cuda or cuda:N [default: auto]"),

@@ -331,7 +331,17 @@ def _finish(p: Prepared, training: dict[str, Any], progress: bool) -> tuple[Path
 
     cfg, model, run_dir, geometry, dataset = p.cfg, p.model, p.run_dir, p.geometry, p.dataset
     train_s, val_s, calib_s = p.splits
-    val_maps, val_scores = predict(TorchEngine.from_model(model, {"geometry": geometry.to_dict()}).infer, p.calib_imgs)
+    infer = TorchEngine.from_model(model, {"geometry": geometry.to_dict()}).infer
+    val_maps, val_scores = predict(infer, p.calib_imgs)
+    held = len(p.calib_imgs)
+    if cfg.reference == "memory" and calib_s:
+        # a memory selects nothing: the validation split is as unseen as the calibration split, so both set the threshold
+        more_maps, more_scores = predict(infer, p.val_imgs)
+        val_maps, val_scores = np.concatenate([val_maps, more_maps]), np.concatenate([val_scores, more_scores])
+        held += len(p.val_imgs)
+        rule_source = " (validation and calibration splits: a memory selects no checkpoint)"
+    else:
+        rule_source = " (a calibration split that did not select the checkpoint)" if calib_s else " (the validation split)"
     threshold = threshold_from_normal(val_scores, cfg.threshold_quantile)
     meta: dict[str, Any] = {
         "backbone": cfg.backbone,
@@ -341,8 +351,7 @@ def _finish(p: Prepared, training: dict[str, Any], progress: bool) -> tuple[Path
         "input": {"dtype": "uint8", "layout": "NHWC", "colour_order": "BGR"},
         "normalization": {"colour_order": "RGB", "mean": list(spec(cfg.backbone).mean), "std": list(spec(cfg.backbone).std)},
         "threshold": {"image": threshold, "quantile": cfg.threshold_quantile,
-                      "rule": f"quantile {cfg.threshold_quantile} of the image scores of {len(p.calib_imgs)} held-out good images"
-                              + (" (a calibration split that did not select the checkpoint)" if calib_s else " (the validation split)")},
+                      "rule": f"quantile {cfg.threshold_quantile} of the image scores of {held} held-out good images" + rule_source},
         "normal_stats": {"image_scores": normal_statistics(val_scores), "pixel_max": float(val_maps.max()),
                          "heldout_scores": [float(v) for v in val_scores]},
         "config": cfg.to_dict(),

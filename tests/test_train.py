@@ -186,6 +186,9 @@ def test_memory_reference_trains_without_epochs_exports_at_parity_and_reloads(sy
     assert metrics["image_auroc"] > 0.9  # the generated defects stand out of the teacher's own good features
     assert isinstance(model.student, MemoryBank) and [len(b) for b in model.student.banks()] == [300, 300, 16 * n]
     assert "student" not in read_checkpoint(run_dir / "model.pt")
+    # nothing is selected on the validation split, so it joins the calibration split in setting the threshold
+    assert len(meta["normal_stats"]["heldout_scores"]) == meta["dataset"]["n_val"] + meta["dataset"]["n_calib"]
+    assert "validation and calibration" in meta["threshold"]["rule"]
     result = CliRunner().invoke(app, ["export", str(run_dir / "model.pt"), "--out", str(tmp_path / "m.onnx"), "--data", str(synthetic_mvtec)])
     assert result.exit_code == 0 and "parity: OK" in result.output, result.output
     with pytest.raises(StfpmError, match="reference"):
