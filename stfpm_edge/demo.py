@@ -18,11 +18,19 @@ from .fileio import atomic_write_text
 from .synthetic import add_defect, make_mvtec_like, texture
 
 
-def make_video(path: Path, n_frames: int, size: tuple[int, int], every: int, seed: int) -> list[int]:
-    """A video of surface patches; every ``every``-th frame carries a defect. Returns those indices."""
+def make_video(path: Path, n_frames: int, size: tuple[int, int], every: int, seed: int, fourcc: str | None = None) -> list[int]:
+    """A video of surface patches; every ``every``-th frame carries a defect. Returns those indices.
+
+    ``.mkv`` / ``.avi`` are written losslessly (FFV1), as a machine-vision camera delivers frames;
+    other suffixes with MPEG-4 (lossy: its artefacts on a fine texture are what README "Hard parts"
+    measures against the memory reference); ``fourcc`` names another codec.
+    """
     rng = np.random.default_rng(seed)
     h, w = size
-    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25, (w, h))
+    fourcc = fourcc or ("FFV1" if Path(path).suffix.lower() in (".mkv", ".avi") else "mp4v")
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 25, (w, h))
+    if not vw.isOpened():
+        raise OSError(f"{path}: OpenCV cannot write {fourcc} video here")
     bad = []
     for i in range(n_frames):
         img = texture(rng, h, w)
@@ -77,7 +85,7 @@ def run_demo(out: Path, epochs: int = 40, size: int = 128, n_frames: int = 300, 
     ok = report["parity_ok"]
     print(f"[3/5] exported {onnx_path}: parity OK (max |dmap| {report['engines']['onnxruntime']['max_abs_map_diff']:.2g})")
 
-    video = out / "video.mp4"
+    video = out / "video.mkv"  # lossless, like the frames of a machine-vision camera
     bad_frames = make_video(video, n_frames, (src, src), every=10, seed=seed + 1)
     stream = run_stream(lambda: open_engine(onnx_path), open_source(str(video)), RunOptions(out / "stream", save_video=out / "stream" / "annotated.mp4"))
     flagged = set()
