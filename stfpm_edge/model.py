@@ -77,16 +77,18 @@ class MemoryBank(nn.Module):
 
 
 def greedy_coreset(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Indices of ``k`` rows of unit vectors ``x`` chosen by greedy k-centre (farthest point first)."""
+    """Indices (CPU) of ``k`` rows of unit vectors ``x`` chosen by greedy k-centre (farthest point first).
+
+    ``x`` may live on any device (a GPU selects a 500,000-row pool in seconds); ``generator`` is a CPU one.
+    """
     if k >= len(x):
         return torch.arange(len(x))
-    chosen = torch.empty(k, dtype=torch.long)
-    chosen[0] = int(torch.randint(len(x), (1,), generator=generator))
+    chosen = [int(torch.randint(len(x), (1,), generator=generator))]
     nearest = 2.0 - 2.0 * (x @ x[chosen[0]])  # squared distance to the closest chosen row
-    for i in range(1, k):
-        chosen[i] = int(nearest.argmax())
-        nearest = torch.minimum(nearest, 2.0 - 2.0 * (x @ x[chosen[i]]))
-    return chosen
+    for _ in range(1, k):
+        chosen.append(int(nearest.argmax()))
+        nearest = torch.minimum(nearest, 2.0 - 2.0 * (x @ x[chosen[-1]]))
+    return torch.tensor(chosen, dtype=torch.long)
 
 
 def image_score(amap: torch.Tensor, topk: int = 1) -> torch.Tensor:

@@ -312,11 +312,11 @@ def _fit_memory(p: Prepared, progress: bool) -> dict[str, Any]:
                     pools[k].append(r[pick].cpu())
     banks = []
     for k, chunks in enumerate(pools):
-        pool = torch.cat(chunks)
+        pool = torch.cat(chunks).to(device)  # the selection runs where the teacher ran (seconds on a GPU)
         size = min(cfg.bank_size, len(pool))
         if progress:
             print(f"level {k}: coreset of {size} from {len(pool)} positions")
-        banks.append(pool[greedy_coreset(pool, size, generator)])
+        banks.append(pool[greedy_coreset(pool, size, generator).to(device)].cpu())
     model.student = MemoryBank(banks).to(device)
     model.eval()
     seconds = time.perf_counter() - t0
