@@ -53,6 +53,8 @@ VARIANTS: dict[str, dict] = {
     "memory-16k": dict(reference="memory", bank_size=16384, blur_sigma=4.0),
     "memory-4k": dict(reference="memory", bank_size=4096, blur_sigma=4.0),
     "memory-32k": dict(reference="memory", bank_size=32768, blur_sigma=4.0),
+    "memory-16k-l12": dict(reference="memory", bank_size=16384, blur_sigma=4.0, layers="1,2"),
+    "memory-16k-l23": dict(reference="memory", bank_size=16384, blur_sigma=4.0, layers="2,3"),
     "memory-16k-s384": dict(reference="memory", bank_size=16384, blur_sigma=4.0, height=384, width=384, batch_size=16),
 }
 
