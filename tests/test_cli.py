@@ -175,6 +175,12 @@ def test_resume_keeps_the_runs_own_settings(synthetic_mvtec, tmp_path):
     assert bad.exit_code == 2 and "height was 64 in this run, now 128" in bad.output, bad.output
     cfg = load_config(None, {"data": str(synthetic_mvtec), "epochs": 2}, stored=state)
     assert (cfg.height, cfg.batch_size, cfg.epochs) == (64, 4, 2)  # stored settings, new epoch count
+    assert cfg.reference == "student"
+    # a run stored before the memory reference existed was a student, whatever today's default
+    old = {k: v for k, v in state.items() if k not in ("reference", "bank_size")}
+    assert load_config(None, {"data": str(synthetic_mvtec)}, stored=old).reference == "student"
+    with pytest.raises(StfpmError, match="reference was 'student' in this run, now 'memory'"):
+        load_config(None, {"data": str(synthetic_mvtec), "reference": "memory"}, stored=old)
 
 
 def test_a_run_folder_belongs_to_one_run(exported, tmp_path):
