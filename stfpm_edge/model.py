@@ -52,7 +52,7 @@ class MemoryBank(nn.Module):
     feature in the student's place. Built at training time (``train._fit_memory``); no epochs.
     """
 
-    CHUNK = 4096  # bank rows per similarity block: bounds the intermediate to positions x CHUNK
+    BLOCK = 1 << 24  # similarities per image held at once (64 MB): bank rows per block = BLOCK / positions, 256 to 4096
 
     def __init__(self, banks: Sequence[torch.Tensor]):
         super().__init__()
@@ -69,8 +69,9 @@ class MemoryBank(nn.Module):
             n, c, h, w = t.shape
             q = F.normalize(t.float(), dim=1).permute(0, 2, 3, 1).reshape(n, h * w, c)
             best = None
-            for i in range(0, bank.shape[0], self.CHUNK):  # unrolled at export: a few MatMul + ReduceMax
-                sim = (q @ bank[i : i + self.CHUNK].T).amax(dim=2)
+            chunk = max(256, min(4096, self.BLOCK // int(h * w)))  # the model size is fixed: a constant at export
+            for i in range(0, bank.shape[0], chunk):  # unrolled at export: a few MatMul + ReduceMax
+                sim = (q @ bank[i : i + chunk].T).amax(dim=2)
                 best = sim if best is None else torch.maximum(best, sim)
             out.append((1.0 - best).clamp_min(0.0).reshape(n, 1, h, w))
         return out
