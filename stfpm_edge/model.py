@@ -77,18 +77,21 @@ class MemoryBank(nn.Module):
         return out
 
 
-def greedy_coreset(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+def greedy_coreset(x: torch.Tensor, k: int, generator: torch.Generator, tick=None) -> torch.Tensor:
     """Indices (CPU) of ``k`` rows of unit vectors ``x`` chosen by greedy k-centre (farthest point first).
 
     ``x`` may live on any device (a GPU selects a 500,000-row pool in seconds); ``generator`` is a CPU one.
+    ``tick(n)``, when given, hears of every 1,024 rows chosen (a progress bar).
     """
     if k >= len(x):
         return torch.arange(len(x))
     chosen = [int(torch.randint(len(x), (1,), generator=generator))]
     nearest = 2.0 - 2.0 * (x @ x[chosen[0]])  # squared distance to the closest chosen row
-    for _ in range(1, k):
+    for i in range(1, k):
         chosen.append(int(nearest.argmax()))
         nearest = torch.minimum(nearest, 2.0 - 2.0 * (x @ x[chosen[-1]]))
+        if tick is not None and (i + 1) % 1024 == 0:
+            tick(1024)
     return torch.tensor(chosen, dtype=torch.long)
 
 

@@ -314,9 +314,9 @@ def _fit_memory(p: Prepared, progress: bool) -> dict[str, Any]:
     for k, chunks in enumerate(pools):
         pool = torch.cat(chunks).to(device)  # the selection runs where the teacher ran (seconds on a GPU)
         size = min(cfg.bank_size, len(pool))
-        if progress:
-            print(f"level {k}: coreset of {size} from {len(pool)} positions")
-        banks.append(pool[greedy_coreset(pool, size, generator).to(device)].cpu())
+        with tqdm(total=size, desc=f"level {k}: {size} of {len(pool)} positions", unit="row", disable=not progress) as bar:
+            banks.append(pool[greedy_coreset(pool, size, generator, bar.update).to(device)].cpu())
+            bar.update(size - bar.n)
     model.student = MemoryBank(banks).to(device)
     model.eval()
     seconds = time.perf_counter() - t0
