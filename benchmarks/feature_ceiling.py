@@ -8,7 +8,7 @@ make a defect stand out where the teacher's features of that defect differ from 
 features of good parts. This probe measures that directly, with no student: every test position's
 distance to its nearest neighbour among the teacher features of the good training images (the same
 normalised features, the same ``0.5 * ||a - b||^2`` per level, levels upsampled and multiplied,
-the same Gaussian smoothing and max score as the model). If the probe is far from a target, a
+the same Gaussian smoothing and max score: the model's own ``MemoryBank`` map, with random rows). If the probe is far from a target, a
 better student on the same teacher and input size is unlikely to reach it: the lever is the
 teacher or the resolution.
 
@@ -24,17 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-
-def nearest_cos(queries, bank):
-    """For each query row (unit vectors), 1 - the highest cosine to any bank row = 0.5 * min ||q - b||^2."""
-    import torch
-
-    chunk = max(64, 50_000_000 // max(1, len(bank)))  # about 200 MB of similarities at a time
-    out = torch.empty(len(queries))
-    for i in range(0, len(queries), chunk):
-        out[i : i + chunk] = 1.0 - (queries[i : i + chunk] @ bank.T).amax(dim=1)
-    return out
 
 
 def main() -> None:
@@ -53,9 +42,10 @@ def main() -> None:
 
     from stfpm_edge.backbones import resolve_layers
     from stfpm_edge.datasets import discover, load_images
-    from stfpm_edge.evaluate import TestSet
+    from stfpm_edge.engines.torch_engine import TorchEngine
+    from stfpm_edge.evaluate import TestSet, predict
     from stfpm_edge.geometry import Geometry
-    from stfpm_edge.model import STFPM, MapPost, blur_map, gaussian_kernel
+    from stfpm_edge.model import STFPM, MapPost, MemoryBank
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,42 +55,27 @@ def main() -> None:
     ds = discover(args.data)
     t0 = time.perf_counter()
 
-    def teacher_feats(images: np.ndarray) -> list[torch.Tensor]:
-        levels: list[list[torch.Tensor]] = []
-        with torch.inference_mode():
-            for i in range(0, len(images), 8):
-                feats = model.teacher(model.normalize(torch.from_numpy(images[i : i + 8])))
-                for k, f in enumerate(feats):
-                    if len(levels) <= k:
-                        levels.append([])
-                    levels[k].append(F.normalize(f.float(), dim=1))
-        return [torch.cat(x) for x in levels]
-
+    # every good training position, normalised, per level; then at most --bank of them at random
     train_images, _ = load_images(ds.train, geometry, progress=True, desc="good training images")
-    bank_feats = teacher_feats(train_images)
+    levels: list[list[torch.Tensor]] = []
+    with torch.inference_mode():
+        for i in range(0, len(train_images), 8):
+            for k, f in enumerate(model.teacher(model.normalize(torch.from_numpy(train_images[i : i + 8])))):
+                if len(levels) <= k:
+                    levels.append([])
+                levels[k].append(F.normalize(f.float(), dim=1).permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
     rng = np.random.default_rng(0)
     banks, capped = [], []
-    for f in bank_feats:
-        flat = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
-        if len(flat) > args.bank:
+    for rows in levels:
+        flat = torch.cat(rows)
+        capped.append(len(flat) > args.bank)
+        if capped[-1]:
             flat = flat[torch.from_numpy(rng.choice(len(flat), args.bank, replace=False))]
-            capped.append(True)
-        else:
-            capped.append(False)
-        banks.append(flat.contiguous())
+        banks.append(flat)
+    # the product's own map with these rows in the student's place: nearest row, levels multiplied, blur, max
+    model.student = MemoryBank(banks)
     test = TestSet.load(ds.test, geometry, progress=True)
-    test_feats = teacher_feats(test.images)
-    amap = None
-    with torch.inference_mode():
-        for f, bank in zip(test_feats, banks):
-            n, c, h, w = f.shape
-            d = nearest_cos(f.permute(0, 2, 3, 1).reshape(-1, c), bank).reshape(n, 1, h, w)
-            d = F.interpolate(d, size=(args.size, args.size), mode="bilinear", align_corners=False)
-            amap = d if amap is None else amap * d
-        if args.blur > 0:
-            amap = blur_map(amap, gaussian_kernel(args.blur))
-    maps = amap[:, 0].numpy()
-    scores = maps.reshape(len(maps), -1).max(axis=1)
+    maps, scores = predict(TorchEngine.from_model(model, {"geometry": geometry.to_dict()}).infer, test.images, progress=True)
     m = test.metrics(maps, scores, None)
     print(json.dumps({
         "data": str(args.data), "backbone": args.backbone, "levels": list(resolve_layers(args.backbone, layers)),
