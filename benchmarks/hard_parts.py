@@ -49,6 +49,14 @@ VARIANTS: dict[str, dict] = {
     "rotate-blur4-s384-e60": dict(reference="student", epochs=60, augment="rotate", blur_sigma=4.0, height=384, width=384, batch_size=16),
     "rotate-blur4-l1234-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, layers="1,2,3,4"),
     "rotate-blur4-l12-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, layers="1,2"),
+    # issue 17: the student levers (synthetic defects with the clean teacher as target, hard-feature loss, cosine decay, bf16)
+    "paper-e100": dict(reference="student", epochs=100, augment="none", blur_sigma=0.0),
+    "synth-cos-bf16-e100": dict(reference="student", epochs=100, augment="rotate", blur_sigma=4.0, synthetic=0.5, lr_schedule="cosine", amp="bf16"),
+    "synth-cos-bf16-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, synthetic=0.5, lr_schedule="cosine", amp="bf16"),
+    "cos-bf16-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, lr_schedule="cosine", amp="bf16"),
+    "hard-cos-bf16-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, hard_fraction=0.1, lr_schedule="cosine", amp="bf16"),
+    "synth-hard-cos-bf16-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, synthetic=0.5, hard_fraction=0.1,
+                                    lr_schedule="cosine", amp="bf16"),
     # the teacher's own good features in the student's place (--reference memory): no epochs
     "memory-16k": dict(reference="memory", bank_size=16384, blur_sigma=4.0),
     "memory-4k": dict(reference="memory", bank_size=4096, blur_sigma=4.0),
@@ -80,7 +88,8 @@ def infer_ms(model, height: int, width: int, repeats: int = 10) -> float:
     return 1000.0 * float(np.median(times))
 
 
-def train_variant(data: Path, out_root: Path, name: str) -> dict:
+def train_variant(data: Path, out_root: Path, name: str, variants: dict[str, dict] | None = None) -> dict:
+    """``stfpm-edge train`` with the options of ``variants[name]`` (this file's VARIANTS by default) into OUT/DATA-NAME."""
     from stfpm_edge.checkpoint import load_checkpoint
     from stfpm_edge.config import load_config
     from stfpm_edge.train import train
@@ -88,7 +97,7 @@ def train_variant(data: Path, out_root: Path, name: str) -> dict:
     run = out_root / f"{data.name}-{name}"
     metrics_file = run / "metrics.json"
     if not metrics_file.is_file():
-        overrides = {"overlays": 6, **VARIANTS[name]}
+        overrides = {"overlays": 6, **(variants or VARIANTS)[name]}
         cfg = load_config(None, dict(data=str(data), out=str(run), **overrides))
         train(cfg, resume=(run / "last.pt").is_file(), progress=True)
     record = json.loads(metrics_file.read_text())

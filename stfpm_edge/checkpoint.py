@@ -15,7 +15,7 @@ import torch
 from . import __version__
 from .errors import ModelFileError
 from .fileio import atomic_write_bytes
-from .model import STFPM, MapPost, MemoryBank
+from .model import STFPM, MapPost, MemoryBank, MemorySearch
 
 FORMAT = "stfpm-edge/checkpoint/1"
 
@@ -71,7 +71,9 @@ def load_checkpoint(path: str | Path) -> tuple[STFPM, dict[str, Any]]:
             banks = payload["memory"]
             if not all(isinstance(banks.get(f"bank{k}"), torch.Tensor) for k in range(len(banks))):
                 raise RuntimeError("memory bank levels missing")
-            student = MemoryBank([banks[f"bank{k}"] for k in range(len(banks))])
+            search = meta.get("memory_search") or {}  # absent before the search had options: the plain search
+            student = MemoryBank([banks[f"bank{k}"] for k in range(len(banks))],
+                                 MemorySearch(int(search.get("aggregate", 1)), tuple(int(k) for k in search.get("pool", ()))))
             if [b.shape[1] for b in student.banks()] != list(teacher.feature_info.channels()):
                 raise RuntimeError(f"bank widths {[b.shape[1] for b in student.banks()]} differ from the teacher's levels")
         else:

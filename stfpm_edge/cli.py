@@ -98,10 +98,19 @@ def train(
     select: Optional[str] = typer.Option(None, help="checkpoint: best (lowest validation loss) or last epoch [default: best]"),
     amp: Optional[str] = typer.Option(None, help="mixed precision: off, bf16 (CPU), fp16 (CUDA), auto [default: off]"),
     cache_teacher: Optional[bool] = typer.Option(None, "--cache-teacher/--no-cache-teacher", help="compute the frozen teacher once per image [default: on]"),
+    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="student: constant (the paper) or cosine (decays to 0 over --epochs) [default: constant]"),
+    hard_fraction: Optional[float] = typer.Option(None, "--hard-fraction", help="student: only this share of positions with the largest distances trains it (0 = all, the paper) [default: 0]"),
+    synthetic: Optional[float] = typer.Option(None, "--synthetic", help="student: share of each batch given a synthetic defect, where it must answer the teacher's features "
+                                              "of the clean image (0 = none, the paper) [default: 0]"),
     reference: Optional[str] = typer.Option(None, help="what the teacher is compared with: student (the paper: a network trained for --epochs) or "
                                             "memory (a coreset of the teacher's own features of the good images: no epochs, more inference work; "
                                             "see README 'Hard parts') [default: memory]"),
-    bank_size: Optional[int] = typer.Option(None, "--bank-size", help="memory: feature rows kept per level; fewer make CPU inference faster (16384: 1.5x faster, pixel AUROC 0.1 pt lower on screw) [default: 32768]"),
+    bank_size: Optional[str] = typer.Option(None, "--bank-size", help="memory: feature rows kept per level, one number or one per level (4096,16384,32768); "
+                                            "fewer make inference faster [default: 32768]"),
+    memory_pool: Optional[str] = typer.Option(None, "--memory-pool", help="memory: per level, average k x k blocks of features before the search "
+                                              "(2,1,1: a quarter of the stride-4 queries) [default: none]"),
+    memory_aggregate: Optional[int] = typer.Option(None, "--memory-aggregate", help="memory: each feature the mean of its a x a neighbourhood first "
+                                                   "(PatchCore; 1 = none) [default: 1]"),
     seed: Optional[int] = typer.Option(None, help="[default: 0]"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (0 = torch's default)"),
     device: Optional[str] = typer.Option(None, help="auto (CUDA when PyTorch sees a GPU), cpu, cuda or cuda:N [default: auto]"),
@@ -123,7 +132,8 @@ def train(
         teacher_weights=str(teacher_weights) if teacher_weights else None, height=h, width=w, resize=resize,
         val_fraction=val_fraction, threshold_quantile=threshold_quantile, augment=augment, cache_teacher=cache_teacher,
         layers=layers, blur_sigma=blur_sigma, topk_fraction=topk_fraction, calib_fraction=calib_fraction, select=select, amp=amp,
-        reference=reference, bank_size=bank_size, seed=seed, threads=threads, device=device, overlays=overlays), stored=stored)
+        lr_schedule=lr_schedule, hard_fraction=hard_fraction, synthetic=synthetic,
+        reference=reference, bank_size=bank_size, memory_pool=memory_pool, memory_aggregate=memory_aggregate, seed=seed, threads=threads, device=device, overlays=overlays), stored=stored)
     if cfg.reference == "memory" and epochs is not None:
         typer.echo("note: --epochs applies to a student (--reference student); a memory reference has no epochs")
     run_dir, metrics = run_training(cfg, resume=resume)

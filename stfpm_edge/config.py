@@ -35,10 +35,16 @@ class TrainConfig:
     blur_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, model-input pixels (0 = the paper's raw map)
     topk_fraction: float = 0.0  # image score = mean of this fraction of the top map pixels; 0 = max
     cache_teacher: bool = True
+    # student levers (issue 17; the paper: constant, 0, 0): README "The student"
+    lr_schedule: str = "constant"  # constant (the paper) or cosine (decays to 0 over the epochs)
+    hard_fraction: float = 0.0  # > 0: only this fraction of positions with the largest distances trains the student (EfficientAD)
+    synthetic: float = 0.0  # share of each batch given a synthetic defect; the student must answer the teacher's features of the clean image
     # memory: a coreset of the teacher's own good features (the default: far better on hard parts, no epochs, README "Hard parts");
     # student: the paper's student network, trained for `epochs` (3.5-5x less inference time on a CPU)
     reference: str = "memory"
-    bank_size: int = 32768  # memory: rows per feature level (README "Hard parts": 4096 / 16384 / 32768 measured)
+    bank_size: str = "32768"  # memory: rows per feature level, one number for all or one per level ("4096,16384,32768")
+    memory_pool: str = ""  # memory: per level, average k x k blocks of features before the search ("2,1,1": stride 8 at level 1); "" = none
+    memory_aggregate: int = 1  # memory: each feature the mean of its a x a neighbourhood first (PatchCore; 1 = none)
     threshold_quantile: float = 0.99
     threads: int = 0
     device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N
@@ -96,7 +102,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         for k, v in given.items():
             if k in known and k not in RESUME_MAY_CHANGE and k in stored:
                 ours = _coerce(k, v, getattr(defaults_now, k))
-                if ours != stored[k] and not (k == "data" and Path(str(ours)).resolve() == Path(str(stored[k])).resolve()):
+                if ours != _coerce(k, stored[k], getattr(defaults_now, k)) and not (k == "data" and Path(str(ours)).resolve() == Path(str(stored[k])).resolve()):
                     raise StfpmError(f"--resume: {k} was {stored[k]!r} in this run, now {ours!r}; a resumed run keeps its settings "
                                      "(only epochs, threads, device and overlays may change); start a new run to change it")
     if path is not None:
@@ -120,9 +126,14 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise StfpmError("no data set given: pass --data DIR (or data: in the --config file)")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise StfpmError("epochs and batch size must be at least 1")
-    if cfg.bank_size < 1:
-        raise StfpmError(f"config: bank_size must be at least 1, got {cfg.bank_size}")
-    for name, allowed in (("augment", AUGMENTS), ("amp", AMP_MODES), ("select", ("best", "last")), ("reference", REFERENCES)):
+    parse_counts("bank_size", cfg.bank_size)
+    parse_counts("memory_pool", cfg.memory_pool)
+    if cfg.memory_aggregate < 1 or cfg.memory_aggregate % 2 == 0:
+        raise StfpmError(f"config: memory_aggregate must be an odd number (1, 3, 5), got {cfg.memory_aggregate}")
+    if not 0.0 <= cfg.hard_fraction < 1.0 or not 0.0 <= cfg.synthetic <= 1.0:
+        raise StfpmError(f"config: hard_fraction must be in [0, 1) and synthetic in [0, 1], got {cfg.hard_fraction} and {cfg.synthetic}")
+    for name, allowed in (("augment", AUGMENTS), ("amp", AMP_MODES), ("select", ("best", "last")), ("reference", REFERENCES),
+                          ("lr_schedule", LR_SCHEDULES)):
         if getattr(cfg, name) not in allowed:
             raise StfpmError(f"config: {name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
     if not 0.0 < cfg.threshold_quantile <= 1.0:
@@ -138,6 +149,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 AUGMENTS = ("none", "flip", "rot90", "rotate")
 AMP_MODES = ("off", "bf16", "fp16", "auto")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def parse_layers(text: str) -> tuple[int, ...] | None:
@@ -147,3 +159,25 @@ def parse_layers(text: str) -> tuple[int, ...] | None:
         return tuple(int(v) for v in str(text).split(",") if v.strip())
     except ValueError:
         raise StfpmError(f"layers must be comma-separated level indices such as 1,2,3, got {text!r}") from None
+
+
+def parse_counts(name: str, text: str) -> tuple[int, ...]:
+    """"32768" or "4096,16384,32768" -> whole numbers of at least 1 (one for all levels, or one per level)."""
+    try:
+        values = tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if (str(text).strip() and not values) or any(v < 1 for v in values):
+        raise StfpmError(f"config: {name} must be a whole number of at least 1, or one per level such as 4096,16384,32768; got {text!r}")
+    return values
+
+
+def per_level(values: tuple[int, ...], levels: int, default: int) -> list[int]:
+    """One value per level from ``parse_counts``: a single value applies to every level."""
+    if not values:
+        return [default] * levels
+    if len(values) == 1:
+        return list(values) * levels
+    if len(values) != levels:
+        raise StfpmError(f"{len(values)} values given ({','.join(map(str, values))}) for {levels} feature levels; give one, or one per level")
+    return list(values)

@@ -24,9 +24,21 @@ def feature_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return 0.5 * (F.normalize(t, dim=1) - F.normalize(s, dim=1)).pow(2).sum(dim=1, keepdim=True)
 
 
-def stfpm_loss(t_feats: Sequence[torch.Tensor], s_feats: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The paper's loss: per-position distance averaged over positions and batch, summed over levels."""
-    return sum(feature_distance(t, s).mean() for t, s in zip(t_feats, s_feats))
+def stfpm_loss(t_feats: Sequence[torch.Tensor], s_feats: Sequence[torch.Tensor], hard_fraction: float = 0.0) -> torch.Tensor:
+    """The paper's loss: per-position distance averaged over positions and batch, summed over levels.
+
+    ``hard_fraction`` > 0: per level, only that fraction of the batch's positions with the largest
+    distances contributes (EfficientAD's hard-feature loss: the student spends its capacity on the
+    normal variation it does not yet fit, not on the positions it already matches).
+    """
+    total = 0.0
+    for t, s in zip(t_feats, s_feats):
+        d = feature_distance(t, s)
+        if hard_fraction > 0:
+            flat = d.flatten()
+            d = flat.topk(max(1, math.ceil(hard_fraction * flat.numel())), sorted=False).values
+        total = total + d.mean()
+    return total
 
 
 def anomaly_map(t_feats: Sequence[torch.Tensor], s_feats: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
@@ -43,6 +55,47 @@ def combine_levels(distances: Sequence[torch.Tensor], size: tuple[int, int]) -> 
     return amap
 
 
+@dataclass(frozen=True)
+class MemorySearch:
+    """How the teacher's features become the rows a memory keeps and the queries it answers.
+
+    ``aggregate``: each feature is first the mean of the a x a features around it (PatchCore's
+    local neighbourhood; 1 = the feature itself). ``pool``: per level, the mean of k x k blocks
+    (stride k): k^2 fewer query positions at that level, each one covering more of the image.
+    Both apply identically when the bank is built and when it is searched (``memory_rows``), and
+    both are plain average pooling in the exported graph. Stored in the checkpoint's metadata.
+    """
+
+    aggregate: int = 1
+    pool: tuple[int, ...] = ()  # one factor per level; () = 1 at every level
+
+    def __post_init__(self) -> None:
+        if self.aggregate < 1 or self.aggregate % 2 == 0:
+            raise StfpmError(f"memory aggregate must be an odd number of features (1, 3, 5), got {self.aggregate}")
+        if any(int(k) < 1 for k in self.pool):
+            raise StfpmError(f"memory pool factors must be at least 1, got {list(self.pool)}")
+
+    def factor(self, level: int) -> int:
+        return int(self.pool[level]) if level < len(self.pool) else 1
+
+    def to_dict(self) -> dict:
+        return {"aggregate": self.aggregate, "pool": [int(k) for k in self.pool]}
+
+
+def memory_rows(t_feats: Sequence[torch.Tensor], search: MemorySearch) -> list[torch.Tensor]:
+    """Teacher features [N, C, h, w] per level -> unit rows [N, h', w', C] (after ``search``'s pooling)."""
+    out = []
+    for level, t in enumerate(t_feats):
+        t = t.float()
+        if search.aggregate > 1:
+            t = F.avg_pool2d(t, search.aggregate, stride=1, padding=search.aggregate // 2, count_include_pad=False)
+        k = search.factor(level)
+        if k > 1:
+            t = F.avg_pool2d(t, k, stride=k, ceil_mode=True, count_include_pad=False)  # a ragged edge block: its own mean
+        out.append(F.normalize(t, dim=1).permute(0, 2, 3, 1))
+    return out
+
+
 class MemoryBank(nn.Module):
     """The reference a student would learn, kept instead as the teacher's own features of good images.
 
@@ -54,9 +107,10 @@ class MemoryBank(nn.Module):
 
     BLOCK = 1 << 24  # similarities per image held at once (64 MB): bank rows per block = BLOCK / positions, 256 to 4096
 
-    def __init__(self, banks: Sequence[torch.Tensor]):
+    def __init__(self, banks: Sequence[torch.Tensor], search: MemorySearch | None = None):
         super().__init__()
         self.levels = len(banks)
+        self.search = search or MemorySearch()
         for k, b in enumerate(banks):
             self.register_buffer(f"bank{k}", b.float().contiguous())
 
@@ -65,9 +119,9 @@ class MemoryBank(nn.Module):
 
     def distances(self, t_feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         out = []
-        for t, bank in zip(t_feats, self.banks()):
-            n, c, h, w = t.shape
-            q = F.normalize(t.float(), dim=1).permute(0, 2, 3, 1).reshape(n, h * w, c)
+        for rows, bank in zip(memory_rows(t_feats, self.search), self.banks()):
+            n, h, w, c = rows.shape
+            q = rows.reshape(n, h * w, c)
             best = None
             chunk = max(256, min(4096, self.BLOCK // int(h * w)))  # the model size is fixed: a constant at export
             for i in range(0, bank.shape[0], chunk):  # unrolled at export: a few MatMul + ReduceMax

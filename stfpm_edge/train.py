@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from . import __version__
 from .backbones import spec
 from .checkpoint import atomic_torch_save, save_checkpoint
-from .config import TrainConfig, parse_layers
+from .config import TrainConfig, parse_counts, parse_layers, per_level
 from .datasets import check_test_set, discover, heldout_splits
 from .errors import StfpmError
 from .evaluate import evaluate, predict, write_outputs
 from .fileio import atomic_write_json, sha256_file
 from .geometry import Geometry
-from .model import STFPM, MapPost, stfpm_loss
+from .model import STFPM, MapPost, MemoryBank, MemorySearch, greedy_coreset, memory_rows, stfpm_loss
 from .store import TrainingStore
 from .thresholds import normal_statistics, threshold_from_normal
 
@@ -101,6 +101,30 @@ def augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Ten
     raise StfpmError(f"unknown augmentation {mode!r}")
 
 
+def synthetic_defects(x: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:
+    """A share of a normalised batch [N, C, H, W] with a synthetic defect pasted in, drawn per image.
+
+    The defect's shape is thresholded smooth noise (blobs covering 0.5-5% of the image, one or
+    several), its content another image of the batch turned upside down or this image with its
+    contrast and brightness changed, blended at 50-100%. Training asks the student for the
+    teacher's features of the *clean* image there, so the student learns to answer "normal" where
+    the input is not, and its distance to the teacher grows on real defects (a denoising student).
+    """
+    n, _, h, w = x.shape
+    dev = x.device
+    rand = lambda *shape: torch.rand(*shape, generator=generator).to(dev, x.dtype)  # noqa: E731
+    grid = int(torch.randint(2, 5, (1,), generator=generator)) ** 2  # 4, 9 or 16 cells a side: blob size
+    noise = F.interpolate(rand(n, 1, grid, grid), size=(h, w), mode="bicubic", align_corners=False).flatten(1)
+    area = 0.005 + 0.045 * rand(n)
+    cut = noise.sort(dim=1, descending=True).values.gather(1, (area * h * w).long().clamp_min(1).view(-1, 1) - 1)
+    mask = (noise >= cut).view(n, 1, h, w).to(x.dtype) * (0.5 + 0.5 * rand(n, 1, 1, 1))
+    other = x.roll(1, dims=0).flip(2, 3)
+    jitter = x * (0.3 + 1.4 * rand(n, 1, 1, 1)) + (rand(n, 1, 1, 1) * 2 - 1)
+    content = torch.where(rand(n, 1, 1, 1) < 0.5, other, jitter)
+    chosen = (rand(n, 1, 1, 1) < share).to(x.dtype)
+    return x + chosen * mask * (content - x)
+
+
 def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``amp`` on ``device``, or None for full FP32."""
     if mode == "off":
@@ -139,8 +163,10 @@ def run_epoch(model: STFPM, images: np.ndarray, cache: TeacherCache | None, opti
             else:
                 with torch.no_grad():
                     t = model.teacher(x)
+            if cfg.synthetic > 0:  # the teacher saw the clean image: the target where the student sees a defect
+                x = synthetic_defects(x, cfg.synthetic, generator)
             s = model.student(x)
-        loss = stfpm_loss([f.float() for f in t], [f.float() for f in s])
+        loss = stfpm_loss([f.float() for f in t], [f.float() for f in s], cfg.hard_fraction)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -234,6 +260,8 @@ def _fit(p: Prepared, resume: bool, progress: bool) -> dict[str, Any]:
     amp = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     optimizer = torch.optim.SGD(model.student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    # cosine: the rate decays from lr to 0 over the run's epochs (stepped per epoch; resumable)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs) if cfg.lr_schedule == "cosine" else None
     generator = torch.Generator().manual_seed(cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     start_epoch, best_loss, best_epoch, best_state, history = 0, float("inf"), -1, None, []
@@ -243,6 +271,8 @@ def _fit(p: Prepared, resume: bool, progress: bool) -> dict[str, Any]:
             raise StfpmError(f"{run_dir / LAST}: was trained with another backbone; cannot resume with {cfg.backbone}")
         model.student.load_state_dict({k: v.to(device) for k, v in state["student"].items()})
         optimizer.load_state_dict(state["optimizer"])
+        if schedule is not None and state.get("schedule"):
+            schedule.load_state_dict(state["schedule"])
         generator.set_state(state["generator"])
         start_epoch, best_loss, best_epoch = state["epoch"] + 1, state["best_loss"], state["best_epoch"]
         best_state, history = state["best_student"], state["history"]
@@ -255,6 +285,8 @@ def _fit(p: Prepared, resume: bool, progress: bool) -> dict[str, Any]:
         t0 = time.perf_counter()
         train_loss = run_epoch(model, p.train_imgs, p.cache_train, optimizer, cfg, generator, amp, scaler)
         val_loss = validation_loss(model, p.val_imgs, p.cache_val, cfg.batch_size)
+        if schedule is not None:
+            schedule.step()
         if not np.isfinite(train_loss):
             raise StfpmError(f"training diverged at epoch {epoch + 1} (loss {train_loss}); lower --lr")
         if val_loss < best_loss or cfg.select == "last":
@@ -264,7 +296,7 @@ def _fit(p: Prepared, resume: bool, progress: bool) -> dict[str, Any]:
         bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=f"{best_loss:.4f}@{best_epoch + 1}")
         atomic_torch_save(run_dir / LAST, {
             "config": cfg.to_dict(), "epoch": epoch, "student": model.student.state_dict(),
-            "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+            "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "schedule": schedule.state_dict() if schedule else None,
             "best_loss": best_loss, "best_epoch": best_epoch, "best_student": best_state, "history": history,
         })
     bar.close()
@@ -278,51 +310,57 @@ def _fit(p: Prepared, resume: bool, progress: bool) -> dict[str, Any]:
 POOL_PER_LEVEL = 500_000  # most candidate positions per level before the coreset: bounds memory and time
 
 
+def memory_search(cfg: TrainConfig, levels: int) -> tuple[MemorySearch, list[int]]:
+    """The search options and the rows per level that ``cfg`` asks of a memory with ``levels`` levels."""
+    search = MemorySearch(cfg.memory_aggregate, tuple(per_level(parse_counts("memory_pool", cfg.memory_pool), levels, 1)))
+    return search, per_level(parse_counts("bank_size", cfg.bank_size), levels, 32768)
+
+
 def _fit_memory(p: Prepared, progress: bool) -> dict[str, Any]:
     """``--reference memory``: the teacher's features of the good training images, a coreset per level.
 
-    Positions are drawn evenly from every image into a pool of at most POOL_PER_LEVEL per level
-    (memory stays bounded however many images there are), then greedy k-centre keeps
-    ``bank_size`` rows that cover the pool. No epochs; the threshold and evaluation follow as usual.
+    Positions (after the search's neighbourhood and pooling, ``model.memory_rows``) are drawn
+    evenly from every image into a pool of at most POOL_PER_LEVEL per level (memory stays bounded
+    however many images there are), then greedy k-centre keeps the level's ``bank_size`` rows that
+    cover the pool. No epochs; the threshold and evaluation follow as usual.
     """
     from tqdm import tqdm
-
-    from .model import MemoryBank, greedy_coreset
 
     cfg, model, run_dir = p.cfg, p.model, p.run_dir
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(cfg.seed)
+    search, sizes = memory_search(cfg, len(model.teacher.feature_info.out_indices))
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
     t0 = time.perf_counter()
     n = len(p.train_imgs)
-    pools: list[list[torch.Tensor]] = []
+    pools: list[list[torch.Tensor]] = [[] for _ in sizes]
     model.eval()
     with torch.inference_mode():
         for idx in tqdm(_batches(n, cfg.batch_size, None), desc="teacher features", unit="batch", disable=not progress):
             feats = model.teacher(model.normalize(torch.from_numpy(p.train_imgs[idx.numpy()]).to(device)))
-            for k, f in enumerate(feats):
-                if len(pools) <= k:
-                    pools.append([])
-                b, c, h, w = f.shape
-                rows = F.normalize(f.float(), dim=1).permute(0, 2, 3, 1).reshape(b, h * w, c)
+            for k, f in enumerate(memory_rows(feats, search)):
+                b, h, w, c = f.shape
+                rows = f.reshape(b, h * w, c)
                 keep = min(h * w, max(1, POOL_PER_LEVEL // n))
                 for r in rows:
                     pick = torch.randperm(h * w, generator=generator)[:keep] if keep < h * w else slice(None)
                     pools[k].append(r[pick].cpu())
-    banks = []
+    banks, level_seconds = [], []
     for k, chunks in enumerate(pools):
+        t_level = time.perf_counter()
         pool = torch.cat(chunks).to(device)  # the selection runs where the teacher ran (seconds on a GPU)
-        size = min(cfg.bank_size, len(pool))
+        size = min(sizes[k], len(pool))
         with tqdm(total=size, desc=f"level {k}: {size} of {len(pool)} positions", unit="row", disable=not progress) as bar:
             banks.append(pool[greedy_coreset(pool, size, generator, bar.update).to(device)].cpu())
             bar.update(size - bar.n)
-    model.student = MemoryBank(banks).to(device)
+        level_seconds.append(time.perf_counter() - t_level)
+    model.student = MemoryBank(banks, search).to(device)
     model.eval()
     seconds = time.perf_counter() - t0
     return {"epochs": 0, "best_epoch": 0, "best_val_loss": None, "history": [], "seconds_per_epoch": None,
             "memory": {"rows_per_level": [len(b) for b in banks], "pool_per_level": [sum(len(c) for c in ch) for ch in pools],
-                       "seconds": seconds}}
+                       "search": search.to_dict(), "seconds": seconds, "coreset_seconds_per_level": level_seconds}}
 
 
 def _finish(p: Prepared, training: dict[str, Any], progress: bool) -> tuple[Path, dict[str, Any]]:
@@ -347,6 +385,7 @@ def _finish(p: Prepared, training: dict[str, Any], progress: bool) -> tuple[Path
         "backbone": cfg.backbone,
         "layers": list(model.teacher.feature_info.out_indices),
         "map_post": model.post.to_dict(),
+        **({"memory_search": model.student.search.to_dict()} if cfg.reference == "memory" else {}),
         "geometry": geometry.to_dict(),
         "input": {"dtype": "uint8", "layout": "NHWC", "colour_order": "BGR"},
         "normalization": {"colour_order": "RGB", "mean": list(spec(cfg.backbone).mean), "std": list(spec(cfg.backbone).std)},

@@ -129,3 +129,27 @@ def test_greedy_coreset_covers_every_cluster():
     picked = greedy_coreset(x, 4, g)
     assert sorted(int(i) // 250 for i in picked) == [0, 1, 2, 3]
     assert len(greedy_coreset(x, 5000, g)) == 1000  # asking for more rows than there are keeps them all
+
+
+def test_hard_feature_loss_keeps_only_the_largest_distances_per_level():
+    # one level, four positions with distances 0.4, 0, 2, 0 (as above): the top half is {2, 0.4}
+    t = torch.tensor([[[[3.0, 1.0, 1.0, 1.0]], [[4.0, 0.0, 0.0, 0.0]]]])
+    s = torch.tensor([[[[1.0, 2.0, -1.0, 5.0]], [[0.0, 0.0, 0.0, 0.0]]]])
+    assert stfpm_loss([t], [s]).item() == pytest.approx(0.6, abs=1e-6)  # the paper's: all four
+    assert stfpm_loss([t], [s], hard_fraction=0.5).item() == pytest.approx(1.2, abs=1e-6)
+    assert stfpm_loss([t], [s], hard_fraction=0.01).item() == pytest.approx(2.0, abs=1e-6)  # at least one position
+
+
+def test_synthetic_defects_change_only_the_chosen_images_inside_small_blobs():
+    from stfpm_edge.train import synthetic_defects
+
+    x = torch.randn(16, 3, 64, 64)
+    assert torch.equal(synthetic_defects(x, 0.0, torch.Generator().manual_seed(0)), x)
+    y = synthetic_defects(x, 1.0, torch.Generator().manual_seed(0))
+    changed = (y != x).any(dim=1).flatten(1).float().mean(dim=1)  # share of pixels changed, per image
+    assert bool((changed > 0).all()) and float(changed.max()) <= 0.05 + 1e-3
+    again = synthetic_defects(x, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(y, again)  # drawn from the generator: a resumed run draws the same defects
+    half = synthetic_defects(x, 0.5, torch.Generator().manual_seed(1))
+    n_changed = int((half != x).flatten(1).any(dim=1).sum())
+    assert 2 <= n_changed <= 14

@@ -68,8 +68,13 @@ def _cfg(data, out, **kw):
 
 
 @pytest.mark.slow
-def test_resume_continues_and_matches_uninterrupted_run(synthetic_mvtec, tmp_path, monkeypatch):
-    _, full = train(_cfg(synthetic_mvtec, tmp_path / "full", epochs=2), progress=False)
+@pytest.mark.parametrize("levers", [{}, dict(lr_schedule="cosine", synthetic=0.5, hard_fraction=0.2)], ids=["paper", "student-levers"])
+def test_resume_continues_and_matches_uninterrupted_run(synthetic_mvtec, tmp_path, monkeypatch, levers):
+    # with the levers: the cosine schedule's position and the generator that draws the synthetic defects resume too
+    def make(data, out, **kw):
+        return _cfg(data, out, **levers, **kw)
+
+    _, full = train(make(synthetic_mvtec, tmp_path / "full", epochs=2), progress=False)
     # interrupt after the first epoch: make the second epoch crash
     import stfpm_edge.train as tr
 
@@ -84,16 +89,16 @@ def test_resume_continues_and_matches_uninterrupted_run(synthetic_mvtec, tmp_pat
 
     monkeypatch.setattr(tr, "run_epoch", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(synthetic_mvtec, tmp_path / "resumed", epochs=2), progress=False)
+        train(make(synthetic_mvtec, tmp_path / "resumed", epochs=2), progress=False)
     assert (tmp_path / "resumed" / LAST).is_file() and not (tmp_path / "resumed" / "model.pt").exists()
     monkeypatch.setattr(tr, "run_epoch", real)
     with pytest.raises(StfpmError, match="--resume"):
-        train(_cfg(synthetic_mvtec, tmp_path / "resumed", epochs=2), progress=False)
-    _, resumed = train(_cfg(synthetic_mvtec, tmp_path / "resumed", epochs=2), resume=True, progress=False)
+        train(make(synthetic_mvtec, tmp_path / "resumed", epochs=2), progress=False)
+    _, resumed = train(make(synthetic_mvtec, tmp_path / "resumed", epochs=2), resume=True, progress=False)
     assert resumed["threshold"] == pytest.approx(full["threshold"], rel=1e-4)
     assert resumed["image_auroc"] == pytest.approx(full["image_auroc"], abs=1e-6)
     with pytest.raises(StfpmError, match="nothing to resume"):
-        train(_cfg(synthetic_mvtec, tmp_path / "resumed", epochs=2), resume=True, progress=False)
+        train(make(synthetic_mvtec, tmp_path / "resumed", epochs=2), resume=True, progress=False)
 
 
 @pytest.mark.slow
@@ -193,3 +198,34 @@ def test_memory_reference_trains_without_epochs_exports_at_parity_and_reloads(sy
     assert result.exit_code == 0 and "parity: OK" in result.output, result.output
     with pytest.raises(StfpmError, match="reference"):
         load_config(None, dict(data=str(synthetic_mvtec), reference="knn"))
+
+
+def test_memory_search_options_pool_aggregate_per_level_banks_export_at_parity(synthetic_mvtec, tmp_path):
+    """Pooled and neighbourhood-averaged memory rows, one bank size per level: built, stored, exported identically."""
+    from typer.testing import CliRunner
+
+    from stfpm_edge.cli import app
+    from stfpm_edge.model import MemoryBank
+
+    # 80 px: the stride-16 level is 5x5, so pooling it by 2 leaves a ragged edge block (its own mean)
+    cfg = load_config(None, dict(data=str(synthetic_mvtec), out=str(tmp_path / "run"), height=80, width=80,
+                                 reference="memory", bank_size="200,100,20", memory_pool="2,1,2", memory_aggregate=3, threads=1, overlays=0))
+    run_dir, metrics = train(cfg, progress=False)
+    assert metrics["memory"]["rows_per_level"] == [200, 100, 20]
+    assert metrics["memory"]["search"] == {"aggregate": 3, "pool": [2, 1, 2]}
+    model, meta = load_checkpoint(run_dir / "model.pt")
+    assert isinstance(model.student, MemoryBank) and model.student.search.pool == (2, 1, 2) and model.student.search.aggregate == 3
+    with torch.inference_mode():
+        t = model.teacher(model.normalize(torch.zeros(1, 80, 80, 3, dtype=torch.uint8)))
+        d = model.student.distances(t)
+    assert [tuple(x.shape[-2:]) for x in d] == [(10, 10), (10, 10), (3, 3)]  # 20/2, 10, ceil(5/2)
+    assert metrics["image_auroc"] > 0.9
+    result = CliRunner().invoke(app, ["export", str(run_dir / "model.pt"), "--out", str(tmp_path / "m.onnx"), "--data", str(synthetic_mvtec)])
+    assert result.exit_code == 0 and "parity: OK" in result.output, result.output
+    with pytest.raises(StfpmError, match="for 3 feature levels"):
+        train(load_config(None, dict(data=str(synthetic_mvtec), out=str(tmp_path / "bad"), height=64, width=64, reference="memory",
+                                     bank_size="100,100", threads=1, overlays=0)), progress=False)
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+    for bad in (dict(bank_size="0"), dict(bank_size="many"), dict(memory_aggregate=2), dict(memory_pool="1,0,1")):
+        with pytest.raises(StfpmError):
+            load_config(None, dict(data=str(synthetic_mvtec), **bad))

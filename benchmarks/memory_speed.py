@@ -1,0 +1,207 @@
+"""The memory reference at camera rate (issue 18): where its time goes, and every variant tried.
+
+    python benchmarks/memory_speed.py --levels RUN/model.pt --threads 2         # per-level ONNX Runtime time of one memory model
+    python benchmarks/memory_speed.py --data ../shared/data/mvtec/screw --out /work/exp/mem --variant a3-p211-16k   # train (resumable)
+    python benchmarks/memory_speed.py --table /work/exp/mem --threads 2 --iters 30  # every run: ONNX export, ms/frame at batch 1 and 8, table
+
+Training variants are ``stfpm-edge train`` with a few options changed (VARIANTS; a run folder that
+holds ``metrics.json`` is reused). ``--table`` exports each finished run to a dynamic-batch FP32
+ONNX graph (once) and times all of them in one process, interleaved (each iteration runs every
+graph once, in rotating order), so the ratios between rows hold however busy the machine was;
+the absolute figures are only as quiet as the machine. GFLOP per frame is PyTorch's FLOP count of
+the fused model (a multiply-add counts 2).
+
+``--levels`` splits one model's ONNX Runtime time into the teacher and each level's search:
+each part exported on its own (the same modules, the same memory rows) and timed interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hard_parts import train_variant  # noqa: E402  (the same resumable training driver)
+
+MEM = dict(reference="memory", blur_sigma=4.0)
+# name -> TrainConfig overrides. aN: neighbourhood of N x N features; pABC: per-level pooling; banks in rows per level
+VARIANTS: dict[str, dict] = {
+    "32k": dict(MEM, bank_size="32768"),  # the default before issue 18
+    "16k": dict(MEM, bank_size="16384"),
+    "p211-32k": dict(MEM, memory_pool="2,1,1", bank_size="32768"),
+    "a3-32k": dict(MEM, memory_aggregate=3, bank_size="32768"),
+    "a3-p211-16k": dict(MEM, memory_aggregate=3, memory_pool="2,1,1", bank_size="16384"),
+    "a3-p221-16k": dict(MEM, memory_aggregate=3, memory_pool="2,2,1", bank_size="16384"),
+    "a3-p221-32k": dict(MEM, memory_aggregate=3, memory_pool="2,2,1", bank_size="32768"),
+    "a3-p211-8k-16k-16k": dict(MEM, memory_aggregate=3, memory_pool="2,1,1", bank_size="8192,16384,16384"),
+    "p211-8k-16k-32k": dict(MEM, memory_pool="2,1,1", bank_size="8192,16384,32768"),
+}
+
+COLUMNS = ("image_auroc", "pixel_auroc", "pixel_f1", "aupro", "image_f1", "false_alarm_rate")
+
+
+def export_run(run: Path) -> Path:
+    """The run's FP32 graph with a free batch (exported once; checked for parity by `stfpm-edge export`, not here)."""
+    from stfpm_edge.export.onnx_export import export_onnx
+
+    onnx_path = run / "bench-dynamic.onnx"
+    if not onnx_path.is_file():
+        export_onnx(run / "model.pt", onnx_path, dynamic=True)
+    return onnx_path
+
+
+def time_graphs(paths: dict[str, Path], batches: tuple[int, ...], iters: int, threads: int) -> dict[str, dict[int, float]]:
+    """Median ms per frame of each graph at each batch, all graphs interleaved in rotating order."""
+    from stfpm_edge.bench import interleaved_order
+    from stfpm_edge.engines import open_engine
+
+    engines = {name: open_engine(p, threads=threads) for name, p in paths.items()}
+    try:
+        out: dict[str, dict[int, float]] = {name: {} for name in engines}
+        for b in batches:
+            frames = {}
+            for name, e in engines.items():
+                frames[name] = np.random.default_rng(0).integers(0, 256, (b, e.geometry.height, e.geometry.width, 3), dtype=np.uint8)
+                e.infer(frames[name])  # warm-up
+            times: dict[str, list[float]] = {name: [] for name in engines}
+            for i in range(iters):
+                for name in interleaved_order(list(engines), i):
+                    t0 = time.perf_counter()
+                    engines[name].infer(frames[name])
+                    times[name].append(time.perf_counter() - t0)
+            for name in engines:
+                out[name][b] = 1000.0 * float(np.median(times[name])) / b
+        return out
+    finally:
+        for e in engines.values():
+            e.close()
+
+
+def table(out_root: Path, iters: int, threads: int, batches=(1, 8)) -> str:
+    runs = {f.parent.name: f.parent for f in sorted(out_root.glob("*/metrics.json")) if (f.parent / "model.pt").is_file()}
+    meta = {name: json.loads((run / "metrics.json").read_text()) for name, run in runs.items()}
+    graphs = {name: export_run(run) for name, run in runs.items()}
+    flops = {name: json.loads(Path(str(p) + ".json").read_text()).get("flops_per_frame") if Path(str(p) + ".json").is_file() else None
+             for name, p in graphs.items()}
+    ms = time_graphs(graphs, batches, iters, threads)
+    fmt = lambda v, d=3: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
+    head = " | ".join(f"ms/frame b{b}" for b in batches)
+    lines = [f"| run | image AUROC | pixel AUROC | pixel F1 | AUPRO@0.3 | image F1 @ thr | false alarms (test good) | {head} | GFLOP/frame | bank built s |",
+             "|---|" + "---|" * (8 + len(batches))]
+    for name, r in meta.items():
+        mem = r.get("memory") or {}
+        cells = [fmt(r.get(c)) for c in COLUMNS] + [fmt(ms[name][b], 1) for b in batches]
+        cells += [fmt(flops[name] / 1e9 if flops[name] else None, 2), fmt(mem.get("seconds"), 0)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def level_times(checkpoint: Path, iters: int, threads: int) -> list[dict]:
+    """ONNX Runtime ms of the teacher and of each level's search, for one memory checkpoint (batch 1)."""
+    import onnxruntime as ort
+    import torch
+    from torch import nn
+
+    from stfpm_edge.checkpoint import load_checkpoint
+    from stfpm_edge.export.onnx_export import OPSET, freeze_same_padding
+    from stfpm_edge.model import MemoryBank, MemorySearch
+
+    model, meta = load_checkpoint(checkpoint)
+    if not isinstance(model.student, MemoryBank):
+        raise SystemExit(f"{checkpoint}: not a memory model")
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    geo = meta["geometry"]
+    frames = torch.zeros(1, geo["height"], geo["width"], 3, dtype=torch.uint8)
+    freeze_same_padding(model, frames)
+
+    class Teacher(nn.Module):
+        def forward(self, x):
+            return tuple(model.teacher(model.normalize(x)))
+
+    with torch.inference_mode():
+        feats = Teacher()(frames)
+    bank = model.student
+    parts: dict[str, tuple[nn.Module, torch.Tensor]] = {"teacher": (Teacher(), frames)}
+    rows = []
+    for k, (f, b) in enumerate(zip(feats, bank.banks())):
+        one = MemoryBank([b], MemorySearch(bank.search.aggregate, (bank.search.factor(k),)))
+
+        class Level(nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, x):
+                return self.m.distances([x])[0]
+
+        parts[f"level {k}"] = (Level(one), f.contiguous())
+        k_pool = bank.search.factor(k)
+        queries = -(-f.shape[2] // k_pool) * -(-f.shape[3] // k_pool)
+        rows.append({"part": f"level {k}", "stride": int(round(geo["height"] / f.shape[2])) * k_pool, "channels": f.shape[1],
+                     "queries": queries, "rows": b.shape[0], "gflop": 2.0 * queries * b.shape[0] * f.shape[1] / 1e9})
+    rows.insert(0, {"part": "teacher", "stride": None, "channels": 3, "queries": None, "rows": None, "gflop": None})
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    sessions = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (m, x) in parts.items():
+            path = Path(tmp) / f"{name.replace(' ', '')}.onnx"
+            torch.onnx.export(m, (x,), str(path), dynamo=False, opset_version=OPSET, input_names=["x"])
+            s = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            sessions[name] = (s, {"x": x.numpy()})
+        times: dict[str, list[float]] = {name: [] for name in sessions}
+        for name, (s, feed) in sessions.items():
+            s.run(None, feed)
+        for i in range(iters):
+            names = list(sessions)
+            for name in names[i % len(names):] + names[: i % len(names)]:
+                s, feed = sessions[name]
+                t0 = time.perf_counter()
+                s.run(None, feed)
+                times[name].append(time.perf_counter() - t0)
+    for r in rows:
+        r["ms"] = 1000.0 * float(np.median(times[r["part"]]))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, action="append", default=[], help="MVTec category folder (repeatable)")
+    ap.add_argument("--out", type=Path, default=Path("runs/memory_speed"), help="folder for the run folders")
+    ap.add_argument("--variant", action="append", default=[], help=f"training variants: {', '.join(VARIANTS)}")
+    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime / torch threads")
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--table", type=Path, help="time every finished run in this folder and print the table")
+    ap.add_argument("--levels", type=Path, help="a memory model.pt: per-level ONNX Runtime time")
+    args = ap.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.levels:
+        rows = level_times(args.levels, args.iters, args.threads)
+        total = sum(r["ms"] for r in rows)
+        print("| part | query stride | channels | queries | rows | GFLOP | ms (batch 1) | share |\n|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            g = "—" if r["gflop"] is None else f"{r['gflop']:.2f}"
+            print(f"| {r['part']} | {r['stride'] or '—'} | {r['channels']} | {r['queries'] or '—'} | {r['rows'] or '—'} | {g} | {r['ms']:.1f} | {r['ms'] / total:.0%} |")
+        return
+    if args.table:
+        print(table(args.table, args.iters, args.threads), end="")
+        return
+    for data in args.data:
+        for name in args.variant:
+            t0 = time.time()
+            r = train_variant(data, args.out, name, VARIANTS)
+            print(f"{data.name} {name}: " + ", ".join(f"{c} {r.get(c)}" for c in COLUMNS) + f" ({time.time() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
