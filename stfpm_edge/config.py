@@ -83,6 +83,24 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
 RESUME_MAY_CHANGE = ("epochs", "threads", "device", "overlays", "out")
 
 
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's mapping of option: value; any problem is one line naming the file, the line and what to do."""
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        if "python/" in problem:  # a tag that would build Python objects: never run, plainly refused
+            problem = "a !!python tag is not allowed (a config is plain options and values; it never runs code)"
+        raise StfpmError(f"{path}{where}: not valid YAML: {problem}; fix that line and try again") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StfpmError(f"{path}: cannot be read as a text config ({exc.__class__.__name__})") from None
+    if not isinstance(loaded, dict):
+        raise StfpmError(f"{path}: expected a mapping of option: value")
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, stored: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults, then ``stored`` (a resumed run's own config.json), then the YAML file, then flags.
 
@@ -97,7 +115,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         defaults_now = TrainConfig()
         given: dict[str, Any] = {}
         if path is not None and Path(path).is_file():
-            given.update(yaml.safe_load(Path(path).read_text()) or {})
+            given.update(read_yaml(Path(path)))
         given.update({k: v for k, v in (overrides or {}).items() if v is not None})
         for k, v in given.items():
             if k in known and k not in RESUME_MAY_CHANGE and k in stored:
@@ -109,12 +127,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         path = Path(path)
         if not path.is_file():
             raise StfpmError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise StfpmError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(loaded, dict):
-            raise StfpmError(f"{path}: expected a mapping of option: value")
+        loaded = read_yaml(path)
         unknown = sorted(set(loaded) - set(known))
         if unknown:
             raise StfpmError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(known)}")

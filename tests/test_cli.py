@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -140,6 +141,19 @@ def test_config_values_are_not_silently_coerced(synthetic_mvtec, tmp_path, yaml_
     cfg.write_text(f"data: {synthetic_mvtec}\n{yaml_text}\n")
     with pytest.raises(StfpmError, match=message):
         load_config(cfg)
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ('epochs: !!python/object/apply:os.system ["touch pwned"]', "line 2: not valid YAML: a !!python tag is not allowed"),
+    ("epochs: [1, 2", "line 3: not valid YAML: expected ',' or ']'"),
+])
+def test_a_bad_config_file_is_one_line_naming_file_and_line(synthetic_mvtec, tmp_path, yaml_text, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {synthetic_mvtec}\n{yaml_text}\n")
+    result = CliRunner().invoke(app, ["train", "--config", str(cfg)])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {cfg}, {message}"), result.output
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
 
 
 def test_run_rejects_bad_numbers_and_exits_nonzero_when_nothing_was_inspected(exported, tmp_path):
