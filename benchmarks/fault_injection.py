@@ -52,6 +52,8 @@ def accounted(out: Path) -> str:
     if not summ.is_file():
         return f"{n} whole lines, no summary"
     s = json.loads(summ.read_text())
+    if s.get("status") == "running":  # the placeholder reserved at the start: the process never reached its end (SIGKILL)
+        return f"{n} whole lines, summary still the start's placeholder ('running')"
     frames = [json.loads(line) for line in (out / "frames.jsonl").read_text().splitlines()]
     recs = sum(1 for r in frames if r.get("status") in ("inspected", "failed"))
     fine = s["frames_read"] == s["frames_inspected"] + s["frames_failed"] + s["frames_dropped"] and recs == s["frames_inspected"] + s["frames_failed"]
@@ -159,6 +161,8 @@ def main() -> None:
         try:
             res = subprocess.run(run + ["--out", str(small / "run"), "--save-video", str(small / "run.mp4")], capture_output=True, text=True)
             record("run into a 2 MB tmpfs", res.returncode, None, small / "run")
+            rows[-1]["stderr"] = res.stderr.strip().splitlines()[-3:]
+            print(rows[-1]["stderr"], flush=True)
         finally:
             subprocess.run(["umount", str(small)])
     else:

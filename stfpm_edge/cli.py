@@ -349,6 +349,23 @@ def run(
                    + (f" | capture->sent p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms" if lat else "")
                    + (f" | last error: {st['last_error']}" if st.get("last_error") else ""))
     typer.echo(f"results: {out}")
+    problems = _run_problems(summary)
+    for problem in problems:
+        typer.secho(f"error: {problem}", fg=typer.colors.RED, err=True)
+    if problems:  # every verdict is in the records that were written, but an output the operator relies on is not whole
+        raise typer.Exit(2)
+
+
+def _run_problems(summary: dict) -> list[str]:
+    """What a finished run could not write: each makes the exit status non-zero."""
+    out = []
+    if summary.get("records_lost"):
+        out.append(f"{summary['records_lost']} frame records could not be written to frames.jsonl ({summary.get('records_error', 'write error')})")
+    if summary.get("video_error"):
+        out.append(f"--save-video: {summary['video_error']}")
+    if summary.get("summary_in_reserved_space"):
+        out.append("the disk filled up during the run; summary.json was written into the space reserved for it at the start")
+    return out
 
 
 @command("triton-repo", help="Write a Triton Inference Server model repository (config.pbtxt + model) that the official container serves as is.")

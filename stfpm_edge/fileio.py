@@ -82,6 +82,45 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
+class ReservedJson:
+    """A JSON file whose disk space is taken when a run starts, so that its last write finds room.
+
+    ``reserve`` writes a placeholder padded with spaces to ``size`` bytes (whitespace after a JSON
+    value is still valid JSON). ``write`` replaces the file atomically as usual; when the disk is
+    full by then, it writes the JSON into the reserved bytes instead (no new blocks are needed to
+    overwrite allocated ones) and returns True, so the caller can say so. A JSON larger than the
+    reservation keeps its scalar fields there (the counts an operator looks at first).
+    """
+
+    def __init__(self, path: str | os.PathLike, size: int = 64 * 1024):
+        self.path, self.size = Path(path), size
+        self.reserved = False
+
+    def reserve(self, placeholder: dict[str, Any]) -> None:
+        text = json.dumps(placeholder, default=_json_default) + "\n"
+        atomic_write_text(self.path, text + " " * max(0, self.size - len(text.encode("utf-8"))))
+        self.reserved = True
+
+    def write(self, obj: dict[str, Any]) -> bool:
+        """Write ``obj``; True when it went into the reserved space because the disk was full."""
+        try:
+            atomic_write_json(self.path, obj)
+            return False
+        except OSError:
+            if not self.reserved or not self.path.is_file():
+                raise
+        data = (json.dumps(obj, indent=2, default=_json_default) + "\n").encode("utf-8")
+        if len(data) > self.size:
+            scalars = {k: v for k, v in obj.items() if isinstance(v, (int, float, str, bool)) or v is None}
+            data = (json.dumps({**scalars, "truncated": "the full summary did not fit the space reserved on a full disk"},
+                               default=_json_default) + "\n").encode("utf-8")
+        with open(self.path, "r+b") as fh:
+            fh.write(data[: self.size] + b" " * max(0, self.size - len(data)))
+            fh.flush()
+            os.fsync(fh.fileno())
+        return True
+
+
 def _json_default(obj: Any) -> Any:
     # numpy scalars and arrays, Paths: the types our metrics and configs contain
     if hasattr(obj, "tolist"):

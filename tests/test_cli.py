@@ -237,3 +237,53 @@ def test_full_disk_in_train_is_one_line(synthetic_mvtec, tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "atomic_write_bytes", no_space)
     result = runner.invoke(app, ["train", "--data", str(synthetic_mvtec), "--out", str(tmp_path / "o"), "--size", "64", "--epochs", "1"])
     assert result.exit_code == 2 and "No space left on device" in result.output and "Traceback" not in result.output
+
+
+def _run_with_file_size_limit(args: list[str], limit: int) -> subprocess.CompletedProcess:
+    """The real CLI in a process whose files cannot grow past ``limit`` bytes: writes beyond fail (EFBIG), as on a full disk."""
+    import resource
+
+    def limit_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the failing write returns an error instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, "-m", "stfpm_edge.cli", *args], capture_output=True, text=True, timeout=300, preexec_fn=limit_files)
+
+
+def test_a_video_the_disk_could_not_hold_is_reported_with_a_nonzero_exit(exported, tmp_path):
+    """OpenCV's writer fails silently: the run reopens the video, says it is broken on stderr and in the summary, exits 2."""
+    _, onnx_path = exported
+    video = tmp_path / "v.mkv"
+    from stfpm_edge.demo import make_video
+
+    make_video(video, 60, (240, 320), every=20, seed=0)  # a fine texture: the annotated MPEG-4 grows past the limit
+    out = tmp_path / "o"
+    res = _run_with_file_size_limit(["run", str(onnx_path), "--source", str(video), "--out", str(out), "--save-video", str(tmp_path / "saved.mp4"),
+                                     "--no-save-anomalies"], 300_000)
+    summary = json.loads((out / "summary.json").read_text())
+    assert res.returncode == 2 and "error: --save-video:" in res.stderr and "saved.mp4" in res.stderr, res.stderr
+    assert summary["frames_inspected"] == 60 and len(_records(out)) == 60  # every verdict kept
+    assert summary["video_error"] and summary["output_failures"][-1]["output"] == "VideoOutput"
+    ok = runner.invoke(app, ["run", str(onnx_path), "--source", str(video), "--out", str(tmp_path / "fine"), "--save-video", str(tmp_path / "fine.mp4")])
+    assert ok.exit_code == 0 and "video_error" not in json.loads((tmp_path / "fine" / "summary.json").read_text())
+
+
+def test_summary_is_written_on_a_full_disk_into_the_space_reserved_at_the_start(exported, tmp_path, monkeypatch):
+    import errno
+
+    import stfpm_edge.fileio as fileio
+
+    _, onnx_path = exported
+    video = tmp_path / "v.mp4"
+    _write_video(video, 20, size=(64, 64))
+
+    def no_space(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(fileio, "atomic_write_json", no_space)  # the disk is full by the end of the run
+    out = tmp_path / "o"
+    result = runner.invoke(app, ["run", str(onnx_path), "--source", str(video), "--out", str(out)])
+    assert result.exit_code == 2 and "space reserved" in result.output, result.output
+    summary = json.loads((out / "summary.json").read_text())  # whole JSON, the reservation's padding is whitespace
+    assert summary["frames_read"] == summary["frames_inspected"] == 20 and summary["status"] == "finished"
+    assert summary["summary_in_reserved_space"] is True and len(_records(out)) == 20

@@ -183,6 +183,8 @@ class VideoOutput(Output):
         self.path, self.fps = path, fps
         self._writer = None
         self._size: tuple[int, int] | None = None
+        self.frames = 0
+        self.problem: str | None = None  # set at close when the written file does not hold the frames (the run reports it)
 
     def write(self, insp, picture) -> None:
         vis = picture.image
@@ -193,10 +195,28 @@ class VideoOutput(Output):
             if not self._writer.isOpened():
                 raise OSError(f"cannot open {self.path} for writing a video")
         self._writer.write(vis if (vis.shape[1], vis.shape[0]) == self._size else cv2.resize(vis, self._size))
+        self.frames += 1
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.release()
+            self._writer = None
+            self.problem = self.check()
+
+    def check(self) -> str | None:
+        """OpenCV's writer fails silently (a full disk): reopen the file and see that it decodes and holds the frames."""
+        size = self.path.stat().st_size if self.path.is_file() else 0
+        cap = cv2.VideoCapture(str(self.path))
+        try:
+            decodes = cap.isOpened() and cap.read()[0]
+            count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if decodes else 0
+        finally:
+            cap.release()
+        if not decodes:
+            return f"{self.path} does not decode ({size} bytes for {self.frames} frames written; a full disk?)"
+        if 0 < count < self.frames:
+            return f"{self.path} holds {count} of the {self.frames} frames written (a full disk?)"
+        return None
 
 
 class AnomalyFiles(Output):

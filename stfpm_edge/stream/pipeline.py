@@ -9,6 +9,7 @@ valid JSONL file up to the last frame; Ctrl-C / SIGTERM drain the pipeline befor
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import StfpmError
-from ..fileio import atomic_write_json, mask_secrets
+from ..fileio import ReservedJson, mask_secrets
 from ..scoring import ANOMALOUS
 from .capture import END, Capture, Mux, Reconnect, handover_for
 from .counters import Counters, merged, summarize
@@ -119,136 +120,185 @@ def run_stream(engine_factory: Callable[[], Any], source: Source | list[Source],
     Capture (a thread per source) -> inspection (its thread, owns the engine; with several sources
     one engine call takes the frames they have, see ``Mux``) -> outputs (this thread).
     """
-    stop = stop or threading.Event()
-    sources = list(source) if isinstance(source, (list, tuple)) else [source]
-    multi = len(sources) > 1
+    run = StreamRun(engine_factory, list(source) if isinstance(source, (list, tuple)) else [source], opts, stop or threading.Event())
+    run.start()
     try:
-        opts.check_sources(len(sources))
-    except StfpmError:
-        for src in sources:
+        run.loop(progress)
+    finally:
+        run.shut_down()
+    return run.finish()
+
+
+class StreamRun:
+    """One run of ``run_stream``, in the order it happens: start, loop, shut down, finish (summary)."""
+
+    def __init__(self, engine_factory: Callable[[], Any], sources: list[Source], opts: RunOptions, stop: threading.Event):
+        self.sources, self.opts, self.stop = sources, opts, stop
+        self.multi = len(sources) > 1
+        try:
+            opts.check_sources(len(sources))
+        except StfpmError:
+            self.close_sources()
+            raise
+        opts.out_dir.mkdir(parents=True, exist_ok=True)
+        self.names = [src.describe() for src in sources]
+        self.per_source, self.events = [Counters() for _ in sources], []
+        if self.multi:
+            mux = Mux([src.live for src in sources], max_batch=opts.max_batch)
+            self.handovers: list = [mux.port(i) for i in range(len(sources))]
+            self.inspector = Inspector(engine_factory, mux, stop, opts.roi)
+        else:
+            self.handovers = [handover_for(sources[0])]
+            self.inspector = Inspector(engine_factory, self.handovers[0], stop, opts.roi)
+        self.station = self.live = None
+        self.captures: list[Capture] = []
+        self.summary_file = ReservedJson(opts.out_dir / "summary.json")
+
+    def close_sources(self) -> None:
+        for src in self.sources:
             src.close()
-        raise
-    opts.out_dir.mkdir(parents=True, exist_ok=True)
-    names = [src.describe() for src in sources]
-    per_source, events = [Counters() for _ in sources], []
-    counters = per_source[0]
-    if multi:
-        mux = Mux([src.live for src in sources], max_batch=opts.max_batch)
-        handovers: list = [mux.port(i) for i in range(len(sources))]
-        inspector = Inspector(engine_factory, mux, stop, opts.roi)
-    else:
-        handovers = [handover_for(sources[0])]
-        inspector = Inspector(engine_factory, handovers[0], stop, opts.roi)
 
-    def close_sources():
-        for src in sources:
-            src.close()
-
-    station = live = None
-    try:  # bind before the engine opens: a taken port is a clear error before any frame
-        if opts.metrics_port is not None:
-            from .metrics import LiveMetrics
-
-            live = LiveMetrics(opts.metrics_port, opts.metrics_host, per_source, names).start()
-        if opts.ui:
-            from .station import Station
-
-            station = Station(opts.ui, opts.out_dir, per_source, names, inspector, events, opts.ui_token,
-                              title=names[0] if not multi else f"{len(sources)} sources").start()
-    except BaseException:
-        close_sources()
-        if live is not None:
-            live.close()
-        raise
-    inspector.start()
-    inspector.ready.wait()
-    if inspector.error is not None:  # the engine did not open (missing file, metadata that does not fit): before any frame
-        inspector.join()
-        close_sources()
-        for server in (station, live):
+    def _close_servers(self) -> None:
+        for server in (self.station, self.live):
             if server is not None:
                 server.close()
-        raise inspector.error
-    if station is not None:
-        print(f"operator station: {station.url}", flush=True)
-    if live is not None:
-        print(f"metrics: http://{opts.metrics_host}:{live.port}/metrics", flush=True)
-    for sink in opts.sinks:
-        if not multi:
-            sink.context.setdefault("source", names[0])
-        sink.context["threshold"] = inspector.threshold
-        sink.start()
-    captures = [Capture(src, h, c, stop, events, opts.reconnect, opts.max_frames, opts.pace_fps) for src, h, c in zip(sources, handovers, per_source)]
-    t_start = time.perf_counter()
-    for capture in captures:
-        capture.start()
 
-    # the station after the anomaly files it shows
-    outputs = opts.outputs(stop) + list(opts.sinks) + [o for o in (live, station) if o is not None]
-    stage = OutputStage(JsonlWriter(opts.out_dir / "frames.jsonl"), outputs, per_source, events, inspector, opts.roi,
-                        names if multi else None)
-    writer, outputs = stage.writer, stage.outputs
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    def start(self) -> None:
+        """Servers (a taken port is a clear error before any frame), the engine, the summary's space, sinks, capture."""
+        opts = self.opts
+        try:
+            if opts.metrics_port is not None:
+                from .metrics import LiveMetrics
 
-        bar = tqdm(desc="inspecting", unit="frame")
-    try:
-        while True:
-            insp = inspector.results.get()
-            if insp is END:
-                break
-            stage.handle(insp)
-            if bar is not None and insp.result is not None:
-                bar.update(1)
-    finally:
-        stop.set()
-        # if we stop early (an exception here), keep taking results so that inference and capture,
+                self.live = LiveMetrics(opts.metrics_port, opts.metrics_host, self.per_source, self.names).start()
+            if opts.ui:
+                from .station import Station
+
+                self.station = Station(opts.ui, opts.out_dir, self.per_source, self.names, self.inspector, self.events, opts.ui_token,
+                                       title=self.names[0] if not self.multi else f"{len(self.sources)} sources").start()
+            self.inspector.start()
+            self.inspector.ready.wait()
+            if self.inspector.error is not None:  # the engine did not open (missing file, metadata that does not fit): before any frame
+                self.inspector.join()
+                raise self.inspector.error
+            try:  # the one file an operator opens first: its space is taken now, so that a full disk later cannot keep it from being written
+                self.summary_file.reserve({"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sources": self.names,
+                                           "note": "the run has not finished; frames.jsonl holds every frame's record so far"})
+            except BaseException:
+                self._stop_inspector()
+                raise
+        except BaseException:
+            self.close_sources()
+            self._close_servers()
+            raise
+        if self.station is not None:
+            print(f"operator station: {self.station.url}", flush=True)
+        if self.live is not None:
+            print(f"metrics: http://{opts.metrics_host}:{self.live.port}/metrics", flush=True)
+        for sink in opts.sinks:
+            if not self.multi:
+                sink.context.setdefault("source", self.names[0])
+            sink.context["threshold"] = self.inspector.threshold
+            sink.start()
+        self.captures = [Capture(src, h, c, self.stop, self.events, opts.reconnect, opts.max_frames, opts.pace_fps)
+                         for src, h, c in zip(self.sources, self.handovers, self.per_source)]
+        self.t_start = self.t_end = time.perf_counter()
+        for capture in self.captures:
+            capture.start()
+        # the station after the anomaly files it shows
+        outputs = opts.outputs(self.stop) + list(opts.sinks) + [o for o in (self.live, self.station) if o is not None]
+        self.stage = OutputStage(JsonlWriter(opts.out_dir / "frames.jsonl"), outputs, self.per_source, self.events, self.inspector, opts.roi,
+                                 self.names if self.multi else None)
+
+    def loop(self, progress: bool) -> None:
+        """Every inspection result through the output stage, until the end marker."""
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(desc="inspecting", unit="frame")
+        try:
+            while True:
+                insp = self.inspector.results.get()
+                if insp is END:
+                    break
+                self.stage.handle(insp)
+                if bar is not None and insp.result is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def shut_down(self) -> None:
+        """Stop capture and inference (also after an exception in the loop), then drain and close every output."""
+        self._stop_inspector()
+        for capture in self.captures:
+            capture.join()
+        self.t_end = time.perf_counter()  # inspection is over: what follows (draining sinks, closing files) is not in the FPS
+        writer = self.stage.writer
+        while self.events:
+            writer.write(self.events.pop(0))
+        writer.close()
+        for out in self.stage.outputs:
+            out.close()
+        self.close_sources()
+
+    def _stop_inspector(self) -> None:
+        self.stop.set()
+        # if we stop early (an exception in the loop), keep taking results so that inference and capture,
         # possibly blocked on full hand-over queues, can reach their end markers
-        while inspector.is_alive():
+        while self.inspector.is_alive():
             try:
-                inspector.results.get(timeout=0.1)
+                self.inspector.results.get(timeout=0.1)
             except queue.Empty:
                 pass
-        for capture in captures:
-            capture.join()
-        inspector.join()
-        t_end = time.perf_counter()  # inspection is over: what follows (draining sinks, closing files) is not in the FPS
-        while events:
-            writer.write(events.pop(0))
-        writer.close()
-        for out in outputs:
-            out.close()
-        if bar is not None:
-            bar.close()
-        close_sources()
-    wall = t_end - t_start
-    if multi:
-        summary = summarize(merged(per_source), wall)
-        summary["sources"] = [{"source": name, **summarize(c, wall)} for name, c in zip(names, per_source)]
-    else:
-        summary = summarize(counters, wall)
-        summary["source"] = names[0]
-    summary["output_failures"] = list(stage.broken.values())
-    summary["records_lost"] = writer.lost
-    if writer.error:
-        summary["records_error"] = writer.error
-    summary["anomaly_files_rotated"] = sum(getattr(o, "rotated", 0) for o in outputs)
-    summary["threshold"] = inspector.threshold
-    if opts.sinks:
-        summary["sinks"] = [s.stats() for s in opts.sinks]
-    if station is not None:
-        summary["ui"] = {"url": station.url, "threshold_changes": station.changes}
-    if live is not None:
-        summary["metrics"] = f"http://{opts.metrics_host}:{live.port}/metrics"
-    if inspector.error is not None:
-        summary["error"] = mask_secrets(str(inspector.error))
-    try:
-        atomic_write_json(opts.out_dir / "summary.json", summary)
-    except OSError as exc:
-        if inspector.error is None:
-            raise StfpmError(f"{opts.out_dir / 'summary.json'}: cannot be written ({exc.strerror or exc}); "
-                             f"{summary['frames_inspected']} frames inspected, {writer.lost} JSONL records lost") from None
-    if inspector.error is not None:
-        raise inspector.error
-    return summary
+        self.inspector.join()
+
+    def summary(self) -> dict[str, Any]:
+        wall = self.t_end - self.t_start
+        if self.multi:
+            summary = summarize(merged(self.per_source), wall)
+            summary["sources"] = [{"source": name, **summarize(c, wall)} for name, c in zip(self.names, self.per_source)]
+        else:
+            summary = summarize(self.per_source[0], wall)
+            summary["source"] = self.names[0]
+        outputs, writer, opts = self.stage.outputs, self.stage.writer, self.opts
+        summary["output_failures"] = list(self.stage.broken.values())
+        for out in outputs:  # outputs that find out only at the end that their file is broken (a video on a full disk)
+            problem = getattr(out, "problem", None)
+            if problem:
+                summary["output_failures"].append({"output": type(out).__name__, "failed": 1, "error": mask_secrets(problem)})
+                summary["video_error"] = mask_secrets(problem)
+        summary["records_lost"] = writer.lost
+        if writer.error:
+            summary["records_error"] = writer.error
+        summary["anomaly_files_rotated"] = sum(getattr(o, "rotated", 0) for o in outputs)
+        summary["threshold"] = self.inspector.threshold
+        if opts.sinks:
+            summary["sinks"] = [s.stats() for s in opts.sinks]
+        if self.station is not None:
+            summary["ui"] = {"url": self.station.url, "threshold_changes": self.station.changes}
+        if self.live is not None:
+            summary["metrics"] = f"http://{opts.metrics_host}:{self.live.port}/metrics"
+        if self.inspector.error is not None:
+            summary["error"] = mask_secrets(str(self.inspector.error))
+        summary["status"] = "failed" if self.inspector.error is not None else "finished"
+        return summary
+
+    def finish(self) -> dict[str, Any]:
+        """The summary, written whatever the disk does (into the space reserved at the start when it is full)."""
+        summary = self.summary()
+        path = self.opts.out_dir / "summary.json"
+        try:
+            summary["summary_in_reserved_space"] = False
+            if self.summary_file.write(summary):
+                summary["summary_in_reserved_space"] = True
+                self.summary_file.write(summary)  # into the same reserved bytes, now saying so
+                print(f"warning: the disk is full: {path} was written into the space reserved for it when the run started", file=sys.stderr, flush=True)
+        except OSError as exc:
+            if self.inspector.error is None:
+                raise StfpmError(f"{path}: cannot be written ({exc.strerror or exc}); "
+                                 f"{summary['frames_inspected']} frames inspected, {summary['records_lost']} JSONL records lost") from None
+        if self.inspector.error is not None:
+            raise self.inspector.error
+        return summary
