@@ -67,7 +67,7 @@ VARIANTS: dict[str, dict] = {
 }
 
 # post-processing suffixes: "+blur4" (Gaussian sigma 4 px), "+top1pct" (mean of the top 1% of pixels)
-POSTS = {"blur2": dict(blur_sigma=2.0), "blur4": dict(blur_sigma=4.0), "blur8": dict(blur_sigma=8.0),
+POSTS = {"blur0": dict(blur_sigma=0.0), "blur1": dict(blur_sigma=1.0), "blur2": dict(blur_sigma=2.0), "blur4": dict(blur_sigma=4.0), "blur8": dict(blur_sigma=8.0),
          "top01pct": dict(topk_fraction=0.001), "top1pct": dict(topk_fraction=0.01)}
 
 COLUMNS = ("image_auroc", "pixel_auroc", "pixel_f1", "aupro", "image_f1", "false_alarm_rate")
@@ -108,7 +108,7 @@ def train_variant(data: Path, out_root: Path, name: str, variants: dict[str, dic
     return record
 
 
-def post_variant(data: Path, out_root: Path, name: str) -> dict:
+def post_variant(data: Path, out_root: Path, name: str, variants: dict[str, dict] | None = None) -> dict:
     """``base+blur4+top1pct``: the trained ``base`` run with other map post-processing."""
     from stfpm_edge.checkpoint import load_checkpoint
     from stfpm_edge.config import load_config
@@ -122,7 +122,7 @@ def post_variant(data: Path, out_root: Path, name: str) -> dict:
     out = out_root / f"{data.name}-{name}.json"
     if out.is_file():
         return json.loads(out.read_text())
-    trained = train_variant(data, out_root, base)
+    trained = train_variant(data, out_root, base, variants)
     model, meta = load_checkpoint(Path(trained["model"]))
     kw: dict = {}
     for p in posts:

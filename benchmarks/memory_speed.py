@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hard_parts import train_variant  # noqa: E402  (the same resumable training driver)
+from hard_parts import POSTS, post_variant, train_variant  # noqa: E402  (the same resumable training driver)
 
 MEM = dict(reference="memory", blur_sigma=4.0)
 # name -> TrainConfig overrides. aN: neighbourhood of N x N features; pABC: per-level pooling; banks in rows per level
@@ -102,8 +102,12 @@ def table(out_root: Path, iters: int, threads: int, batches=(1, 8)) -> str:
     return "\n".join(lines) + "\n"
 
 
-def level_times(checkpoint: Path, iters: int, threads: int) -> list[dict]:
-    """ONNX Runtime ms of the teacher and of each level's search, for one memory checkpoint (batch 1)."""
+def level_times(checkpoint: Path, iters: int, threads: int, blocks: tuple[int, ...] = ()) -> list[dict]:
+    """ONNX Runtime ms of the teacher and of each level's search, for one memory checkpoint (batch 1).
+
+    ``blocks``: time each level's search with these ``MemoryBank.BLOCK`` values (similarities held
+    at once) as well as the model's own, to show what the block size does.
+    """
     import onnxruntime as ort
     import torch
     from torch import nn
@@ -129,23 +133,26 @@ def level_times(checkpoint: Path, iters: int, threads: int) -> list[dict]:
     bank = model.student
     parts: dict[str, tuple[nn.Module, torch.Tensor]] = {"teacher": (Teacher(), frames)}
     rows = []
+    class Level(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m.distances([x])[0]
+
     for k, (f, b) in enumerate(zip(feats, bank.banks())):
-        one = MemoryBank([b], MemorySearch(bank.search.aggregate, (bank.search.factor(k),)))
-
-        class Level(nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
-
-            def forward(self, x):
-                return self.m.distances([x])[0]
-
-        parts[f"level {k}"] = (Level(one), f.contiguous())
         k_pool = bank.search.factor(k)
         queries = -(-f.shape[2] // k_pool) * -(-f.shape[3] // k_pool)
-        rows.append({"part": f"level {k}", "stride": int(round(geo["height"] / f.shape[2])) * k_pool, "channels": f.shape[1],
-                     "queries": queries, "rows": b.shape[0], "gflop": 2.0 * queries * b.shape[0] * f.shape[1] / 1e9})
-    rows.insert(0, {"part": "teacher", "stride": None, "channels": 3, "queries": None, "rows": None, "gflop": None})
+        for block in (MemoryBank.BLOCK, *[v for v in blocks if v != MemoryBank.BLOCK]):
+            one = MemoryBank([b], MemorySearch(bank.search.aggregate, (k_pool,)))
+            one.BLOCK = block
+            chunk = max(64, min(4096, block // queries))
+            name = f"level {k}" + ("" if block == MemoryBank.BLOCK else f", {chunk}-row blocks")
+            parts[name] = (Level(one), f.contiguous())
+            rows.append({"part": name, "stride": int(round(geo["height"] / f.shape[2])) * k_pool, "channels": f.shape[1],
+                         "queries": queries, "rows": b.shape[0], "block_rows": chunk, "gflop": 2.0 * queries * b.shape[0] * f.shape[1] / 1e9})
+    rows.insert(0, {"part": "teacher", "stride": None, "channels": 3, "queries": None, "rows": None, "block_rows": None, "gflop": None})
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
@@ -175,23 +182,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, action="append", default=[], help="MVTec category folder (repeatable)")
     ap.add_argument("--out", type=Path, default=Path("runs/memory_speed"), help="folder for the run folders")
-    ap.add_argument("--variant", action="append", default=[], help=f"training variants: {', '.join(VARIANTS)}")
+    ap.add_argument("--variant", action="append", default=[], help=f"training variants: {', '.join(VARIANTS)}; "
+                    f"the map post-processing of a trained one changed: NAME+{'+'.join(POSTS)}")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime / torch threads")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--table", type=Path, help="time every finished run in this folder and print the table")
     ap.add_argument("--levels", type=Path, help="a memory model.pt: per-level ONNX Runtime time")
+    ap.add_argument("--blocks", type=int, nargs="*", default=[], help="with --levels: also time each level with these MemoryBank.BLOCK values")
     args = ap.parse_args()
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.levels:
-        rows = level_times(args.levels, args.iters, args.threads)
-        total = sum(r["ms"] for r in rows)
-        print("| part | query stride | channels | queries | rows | GFLOP | ms (batch 1) | share |\n|---|---|---|---|---|---|---|---|")
+        rows = level_times(args.levels, args.iters, args.threads, tuple(args.blocks))
+        total = sum(r["ms"] for r in rows if "blocks" not in r["part"])  # the model's own parts
+        print("| part | query stride | channels | queries | rows | rows per block | GFLOP | ms (batch 1) | share of the model's |\n"
+              "|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             g = "—" if r["gflop"] is None else f"{r['gflop']:.2f}"
-            print(f"| {r['part']} | {r['stride'] or '—'} | {r['channels']} | {r['queries'] or '—'} | {r['rows'] or '—'} | {g} | {r['ms']:.1f} | {r['ms'] / total:.0%} |")
+            print(f"| {r['part']} | {r['stride'] or '—'} | {r['channels']} | {r['queries'] or '—'} | {r['rows'] or '—'} | {r['block_rows'] or '—'} "
+                  f"| {g} | {r['ms']:.1f} | {r['ms'] / total:.0%} |")
         return
     if args.table:
         print(table(args.table, args.iters, args.threads), end="")
@@ -199,7 +210,7 @@ def main() -> None:
     for data in args.data:
         for name in args.variant:
             t0 = time.time()
-            r = train_variant(data, args.out, name, VARIANTS)
+            r = post_variant(data, args.out, name, VARIANTS) if "+" in name else train_variant(data, args.out, name, VARIANTS)
             print(f"{data.name} {name}: " + ", ".join(f"{c} {r.get(c)}" for c in COLUMNS) + f" ({time.time() - t0:.0f} s)", flush=True)
 
 

@@ -32,7 +32,13 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=100_000)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--trace", type=int, nargs="*", metavar="FRAME", help="tracemalloc snapshots when these frame counts are reached "
+                    "(e.g. 1500 10000 20000); the report lists the source lines whose Python allocations grew most between them")
     args = ap.parse_args()
+    if args.trace:
+        import tracemalloc
+
+        tracemalloc.start(1)
     from stfpm_edge.engines import open_engine
     from stfpm_edge.stream.pipeline import RunOptions, run_stream
     from stfpm_edge.stream.sources import IterSource
@@ -54,9 +60,17 @@ def main() -> None:
     samples: list[tuple[int, float]] = []
     done = threading.Event()
 
+    snapshots: list = []
+    marks = sorted(args.trace or [])
+
     def sampler():
         while not done.wait(1.0):
             samples.append((handed["n"], rss_mb()))
+            while marks and handed["n"] >= marks[0]:
+                import tracemalloc
+
+                snapshots.append((handed["n"], tracemalloc.take_snapshot()))
+                marks.pop(0)
 
     threading.Thread(target=sampler, daemon=True).start()
     t0 = time.time()
@@ -73,6 +87,13 @@ def main() -> None:
         "rss_growth_mb_per_10k_frames": slope, "anomaly_files": len(list((args.out / "anomalies").iterdir())),
         "samples": samples[:: max(1, len(samples) // 50)],
     }
+    growth = []
+    for (n0, a), (n1, b) in zip(snapshots, snapshots[1:]):
+        top = b.compare_to(a, "lineno")[:6]
+        growth.append({"frames": [n0, n1], "top": [{"where": str(st.traceback[0]), "kb": round(st.size_diff / 1024, 1), "blocks": st.count_diff}
+                                                   for st in top]})
+    if growth:
+        report["python_allocation_growth"] = growth
     (args.out / "soak.json").write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2))
 

@@ -61,16 +61,36 @@ def graphed(model, example: torch.Tensor):
     return run
 
 
+def table(results: dict[str, Path]) -> str:
+    """One Markdown table of ms per frame, reference by precision by batch, from the --json files of earlier runs."""
+    lines = ["| reference | precision | batch | eager ms / frame | CUDA graph ms / frame | frames / s (graph) |", "|---|---|---|---|---|---|"]
+    for name, path in results.items():
+        if not path.is_file():
+            lines.append(f"| {name} | — | — | not measured ({path} missing) | — | — |")
+            continue
+        for r in json.loads(path.read_text())["latency"]:
+            g = r.get("cuda_graph_ms_per_frame")
+            lines.append(f"| {name} | {r['precision']} | {r['batch']} | {r['eager_ms_per_frame']:.2f} | "
+                         + ("—" if g is None else f"{g:.2f}") + " | " + ("—" if g is None else f"{1000.0 / g:.0f}") + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, required=True, help="model.pt")
-    ap.add_argument("--data", type=Path, required=True, help="MVTec category (test images for fidelity, train images for speed)")
+    ap.add_argument("--table", nargs="+", metavar="NAME=JSON", help="print the table of earlier --json results (e.g. memory=a.json student=b.json) and exit")
+    ap.add_argument("--model", type=Path, help="model.pt")
+    ap.add_argument("--data", type=Path, help="MVTec category (test images for fidelity, train images for speed)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--train-epochs", type=int, default=2, help="0 skips the training comparison")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.table:
+        print(table({k: Path(v) for k, v in (item.split("=", 1) for item in args.table)}))
+        return
+    if args.model is None or args.data is None:
+        ap.error("--model and --data are needed (or --table)")
 
     from stfpm_edge.checkpoint import load_checkpoint
     from stfpm_edge.config import load_config

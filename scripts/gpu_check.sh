@@ -9,7 +9,18 @@ PY=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv || true
-$PY -c "import torch; assert torch.cuda.is_available(), 'PyTorch sees no CUDA GPU'; print('torch', torch.__version__, '|', torch.cuda.get_device_name(0))"
+if ! $PY -c "import torch; assert torch.cuda.is_available(); print('torch', torch.__version__, '|', torch.cuda.get_device_name(0))" 2>/dev/null; then
+  cat <<'PLAN'
+PyTorch sees no CUDA GPU here, so nothing was measured. With one, this script measures:
+  1. a memory model (the default reference) and a 10-epoch student, both trained on ../shared/data/mvtec/bottle on the GPU;
+  2. for each: FP16 against FP32 fidelity on the test images (max |map difference|, verdict flips), and latency per frame at
+     batch 1, 8 and 32, FP32 and FP16, eager and replayed as a CUDA graph (benchmarks/torch_gpu.py), printed as one table:
+| reference | precision | batch | eager ms / frame | CUDA graph ms / frame | frames / s (graph) |
+  3. student training seconds per epoch, FP32 against AMP;
+  4. where TensorRT and pycuda are installed: the gpu-marked tests, FP16 and INT8 engines built and benchmarked against ONNX Runtime.
+PLAN
+  exit 0
+fi
 MODEL=${1:-}
 if [ -z "$MODEL" ]; then
   # the default (a memory of the teacher's good features) on the GPU, then a student for the epoch timings
@@ -19,6 +30,7 @@ if [ -z "$MODEL" ]; then
   $PY benchmarks/torch_gpu.py --model "$OUT/memory/model.pt" --data ../shared/data/mvtec/bottle --train-epochs 0 --json "$OUT/torch_gpu_memory.json" 2>&1 | tee "$OUT/torch_gpu_memory.log"
 fi
 $PY benchmarks/torch_gpu.py --model "$MODEL" --data ../shared/data/mvtec/bottle --json "$OUT/torch_gpu.json" 2>&1 | tee "$OUT/torch_gpu.log"
+$PY benchmarks/torch_gpu.py --table memory="$OUT/torch_gpu_memory.json" student="$OUT/torch_gpu.json" | tee "$OUT/latency_table.md"
 if ! $PY -c "import tensorrt, pycuda.driver as c; c.init(); print('TensorRT', tensorrt.__version__, '|', c.Device(0).name())"; then
   echo "TensorRT / pycuda not installed: the PyTorch checks above are all this machine can run"
   exit 0

@@ -105,7 +105,10 @@ class MemoryBank(nn.Module):
     feature in the student's place. Built at training time (``train._fit_memory``); no epochs.
     """
 
-    BLOCK = 1 << 24  # similarities per image held at once (64 MB): bank rows per block = BLOCK / positions, 256 to 4096
+    # similarities per image held at once: bank rows per block = BLOCK / positions, 64 to 4096. 2 MB of them stay in
+    # the CPU's caches between the MatMul that writes them and the ReduceMax that reads them; 64 MB blocks (before
+    # issue 18) went to memory and back, 1.5-3x slower per level on ONNX Runtime (benchmarks/memory_speed.py --blocks)
+    BLOCK = 1 << 19
 
     def __init__(self, banks: Sequence[torch.Tensor], search: MemorySearch | None = None):
         super().__init__()
@@ -123,7 +126,7 @@ class MemoryBank(nn.Module):
             n, h, w, c = rows.shape
             q = rows.reshape(n, h * w, c)
             best = None
-            chunk = max(256, min(4096, self.BLOCK // int(h * w)))  # the model size is fixed: a constant at export
+            chunk = max(64, min(4096, self.BLOCK // int(h * w)))  # the model size is fixed: a constant at export
             for i in range(0, bank.shape[0], chunk):  # unrolled at export: a few MatMul + ReduceMax
                 sim = (q @ bank[i : i + chunk].T).amax(dim=2)
                 best = sim if best is None else torch.maximum(best, sim)
