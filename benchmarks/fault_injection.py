@@ -56,8 +56,10 @@ def accounted(out: Path) -> str:
         return f"{n} whole lines, summary still the start's placeholder ('running')"
     frames = [json.loads(line) for line in (out / "frames.jsonl").read_text().splitlines()]
     recs = sum(1 for r in frames if r.get("status") in ("inspected", "failed"))
-    fine = s["frames_read"] == s["frames_inspected"] + s["frames_failed"] + s["frames_dropped"] and recs == s["frames_inspected"] + s["frames_failed"]
-    return f"{'yes' if fine else 'NO'}: read {s['frames_read']} = {s['frames_inspected']} + {s['frames_failed']} + {s['frames_dropped']}, {recs} records"
+    lost = s.get("records_lost", 0)  # records a full disk refused: counted in the summary, never half-written
+    fine = s["frames_read"] == s["frames_inspected"] + s["frames_failed"] + s["frames_dropped"] and recs + lost == s["frames_inspected"] + s["frames_failed"]
+    return (f"{'yes' if fine else 'NO'}: read {s['frames_read']} = {s['frames_inspected']} + {s['frames_failed']} + {s['frames_dropped']}, {recs} records"
+            + (f" + {lost} counted as lost" if lost else ""))
 
 
 def corrupt_files(folder: Path) -> list[str]:

@@ -41,6 +41,10 @@ VARIANTS: dict[str, dict] = {
     "a3-p221-32k": dict(MEM, memory_aggregate=3, memory_pool="2,2,1", bank_size="32768"),
     "a3-p211-8k-16k-16k": dict(MEM, memory_aggregate=3, memory_pool="2,1,1", bank_size="8192,16384,16384"),
     "p211-8k-16k-32k": dict(MEM, memory_pool="2,1,1", bank_size="8192,16384,32768"),
+    "p211-16k": dict(MEM, memory_pool="2,1,1", bank_size="16384"),
+    "p221-16k": dict(MEM, memory_pool="2,2,1", bank_size="16384"),
+    "p221-32k": dict(MEM, memory_pool="2,2,1", bank_size="32768"),
+    "p211-16k-16k-8k": dict(MEM, memory_pool="2,1,1", bank_size="16384,16384,8192"),
 }
 
 COLUMNS = ("image_auroc", "pixel_auroc", "pixel_f1", "aupro", "image_f1", "false_alarm_rate")
@@ -84,6 +88,7 @@ def time_graphs(paths: dict[str, Path], batches: tuple[int, ...], iters: int, th
 
 
 def table(out_root: Path, iters: int, threads: int, batches=(1, 8)) -> str:
+    """Every finished run in ``out_root``: accuracy, ONNX Runtime ms per frame (timed here, interleaved), GFLOP, training cost."""
     runs = {f.parent.name: f.parent for f in sorted(out_root.glob("*/metrics.json")) if (f.parent / "model.pt").is_file()}
     meta = {name: json.loads((run / "metrics.json").read_text()) for name, run in runs.items()}
     graphs = {name: export_run(run) for name, run in runs.items()}
@@ -92,12 +97,16 @@ def table(out_root: Path, iters: int, threads: int, batches=(1, 8)) -> str:
     ms = time_graphs(graphs, batches, iters, threads)
     fmt = lambda v, d=3: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
     head = " | ".join(f"ms/frame b{b}" for b in batches)
-    lines = [f"| run | image AUROC | pixel AUROC | pixel F1 | AUPRO@0.3 | image F1 @ thr | false alarms (test good) | {head} | GFLOP/frame | bank built s |",
-             "|---|" + "---|" * (8 + len(batches))]
+    lines = [f"| run | image AUROC | pixel AUROC | pixel F1 | AUPRO@0.3 | image F1 @ thr | false alarms (test good) | misses @ thr | {head} "
+             "| GFLOP/frame | training |", "|---|" + "---|" * (9 + len(batches))]
     for name, r in meta.items():
         mem = r.get("memory") or {}
-        cells = [fmt(r.get(c)) for c in COLUMNS] + [fmt(ms[name][b], 1) for b in batches]
-        cells += [fmt(flops[name] / 1e9 if flops[name] else None, 2), fmt(mem.get("seconds"), 0)]
+        cells = [fmt(r.get(c)) for c in COLUMNS] + [fmt(r.get("miss_rate"))] + [fmt(ms[name][b], 1) for b in batches]
+        if mem:
+            cost = f"bank {fmt(mem.get('seconds'), 0)} s"
+        else:
+            cost = f"{r.get('epochs')} ep × {fmt(r.get('seconds_per_epoch'), 1)} s"
+        cells += [fmt(flops[name] / 1e9 if flops[name] else None, 2), cost]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
