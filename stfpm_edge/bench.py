@@ -117,10 +117,34 @@ def engine_backend(path: Path, threads: int, name: str | None = None) -> Backend
         flops = flops_per_frame(engine.model, engine.geometry.height, engine.geometry.width)
     geo = engine.geometry
     return Backend(name, geo, engine.threshold, lambda frames: _fit_batch(geo, frames), engine.infer, flops, engine.close,
-                   {"file": str(path), "engine": engine.name}, engine.device_timings)
+                   {"file": str(path), "engine": engine.name, "reference": (meta.get("config") or {}).get("reference", "student"),
+                    "meta": meta}, engine.device_timings)
 
 
-def open_backends(models: list[Path], wanted: list[str] | None, threads: int) -> list[Backend]:
+STUDENT_TWIN = "student-same-size"
+
+
+def student_twin(meta: dict[str, Any], folder: Path, threads: int) -> Backend:
+    """ONNX Runtime on the student pair a memory model would otherwise be: same teacher, levels, size and map post.
+
+    Its weights are random (a trained student costs exactly the same): the row says what the
+    paper's reference would cost on this machine, next to the memory, for the same data.
+    """
+    from .checkpoint import save_checkpoint
+    from .export.onnx_export import export_onnx
+    from .model import STFPM, MapPost
+
+    model = STFPM.build(meta["backbone"], pretrained=False, layers=meta.get("layers"), post=MapPost(**meta.get("map_post", {})))
+    keep = {k: v for k, v in meta.items() if k not in ("memory_search", "metrics", "source_checkpoint", "format", "precision", "batch")}
+    keep["config"] = {**(meta.get("config") or {}), "reference": "student"}
+    save_checkpoint(folder / "student.pt", model.eval(), keep)
+    export_onnx(folder / "student.pt", folder / "student.onnx")
+    return engine_backend(folder / "student.onnx", threads, STUDENT_TWIN)
+
+
+def open_backends(models: list[Path], wanted: list[str] | None, threads: int, twin_folder: Path | None = None) -> list[Backend]:
+    """A backend per model (two for a student .pt: the reference and the fused model); with ``twin_folder``,
+    a memory model among students-less models also gets ``student_twin`` for comparison."""
     backends: list[Backend] = []
     from .engines.base import is_served
 
@@ -147,6 +171,9 @@ def open_backends(models: list[Path], wanted: list[str] | None, threads: int) ->
         if missing:
             raise BackendUnavailable(f"backend(s) {', '.join(missing)} not available from the given models; available: {', '.join(names)}")
         backends = [b for b in backends if any(b.name == w or b.name.startswith(w) for w in wanted)]
+    memories = [b for b in backends if b.info.get("reference") == "memory"]
+    if twin_folder is not None and memories and not any(b.info.get("reference") == "student" for b in backends):
+        backends.append(student_twin(memories[0].info["meta"], twin_folder, threads))
     geos = {(b.geometry.height, b.geometry.width) for b in backends}
     if len(geos) > 1:
         raise StfpmError(f"models have different input sizes {sorted(geos)}; compare models of one size")
@@ -279,8 +306,11 @@ def histogram_plot(results: dict[str, Any], path: Path) -> None:
 
 
 def benchmark_models(models: list[Path], wanted: list[str] | None, batch_sizes: list[int], iters: int, warmup: int,
-                     threads: int = 0, image: Path | None = None, progress: bool = True) -> dict[str, Any]:
+                     threads: int = 0, image: Path | None = None, progress: bool = True, vs_student: bool = True) -> dict[str, Any]:
     """Open every backend the models give, benchmark them interleaved on one source frame, describe the machine.
+
+    ``vs_student``: a memory model benchmarked without a student also gets ``student_twin``, so
+    the table shows what each reference costs for the same data.
 
     The frame is ``image`` (any size; decoding and resizing are part of the preprocess stage) or a
     generated texture at model size. Returns the results with a ``markdown`` table.
@@ -289,7 +319,10 @@ def benchmark_models(models: list[Path], wanted: list[str] | None, batch_sizes: 
 
     if not batch_sizes or min(batch_sizes) < 1 or iters < 1 or warmup < 0:
         raise StfpmError("batch sizes and --iters must be at least 1")
-    backends = open_backends(models, wanted, threads)
+    import tempfile
+
+    twin_dir = tempfile.TemporaryDirectory(prefix="stfpm-bench-")
+    backends = open_backends(models, wanted, threads, Path(twin_dir.name) if vs_student else None)
     try:
         geo = backends[0].geometry
         if image is not None:
@@ -302,10 +335,26 @@ def benchmark_models(models: list[Path], wanted: list[str] | None, batch_sizes: 
     finally:
         for b in backends:
             b.close()
+        twin_dir.cleanup()
     results["machine"] = machine_info(threads)
     results["setup"] = {"models": [str(m) for m in models], "source_frame": list(frame.shape), "model_size": [geo.height, geo.width], "iters": iters, "warmup": warmup}
     results["markdown"] = markdown_table(results)
     return results
+
+
+def vs_student_lines(results: dict[str, Any]) -> list[str]:
+    """'NAME: X ms per frame = R x the student of the same size' for every backend, when a student row is there."""
+    lines = []
+    for bs, table in results["batches"].items():
+        student = table.get(STUDENT_TWIN) or next((e for n, e in table.items() if n.startswith("onnxruntime") and "student" in n), None)
+        if student is None:
+            continue
+        base = student["latency_ms_per_frame_p50"]
+        for name, e in table.items():
+            if name != STUDENT_TWIN:
+                lines.append(f"batch {bs}: {name} {e['latency_ms_per_frame_p50']:.1f} ms per frame = {e['latency_ms_per_frame_p50'] / base:.2f}x "
+                             f"the student pair of the same size ({base:.1f} ms)")
+    return lines
 
 
 def peak_share_line(results: dict[str, Any]) -> str | None:

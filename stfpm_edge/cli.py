@@ -258,16 +258,20 @@ def bench(
     image: Optional[Path] = typer.Option(None, "--image", help="source frame to use (any size) [default: a generated frame at model size]"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write all results and the machine description as JSON"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a latency histogram PNG"),
+    vs_student: bool = typer.Option(True, "--vs-student/--no-vs-student", help="a memory model without a student beside it: also time the student pair "
+                                    "of the same size (ONNX Runtime; random weights cost what trained ones do)"),
 ):
-    from .bench import benchmark_models, histogram_plot, peak_share_line
+    from .bench import benchmark_models, histogram_plot, peak_share_line, vs_student_lines
     from .fileio import atomic_write_json
 
     try:
         sizes = [int(b) for b in batch.split(",") if b.strip()]
     except ValueError:
         raise StfpmError(f"--batch must be comma-separated integers, got {batch!r}") from None
-    results = benchmark_models(models, backend, sizes, iters, warmup, threads, image)
+    results = benchmark_models(models, backend, sizes, iters, warmup, threads, image, vs_student=vs_student)
     typer.echo(results["markdown"], nl=False)
+    for text in vs_student_lines(results):
+        typer.echo(text)
     line = peak_share_line(results)
     if line:
         typer.echo(line)

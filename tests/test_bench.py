@@ -60,3 +60,22 @@ def test_unavailable_backend_is_a_clear_error(tiny_run, tmp_path):
     fake_engine.write_bytes(b"x")
     res = runner.invoke(app, ["bench", str(fake_engine)])
     assert res.exit_code == 2 and "TensorRT" in res.output and "Traceback" not in res.output
+
+
+def test_a_memory_model_is_timed_next_to_the_student_pair_of_the_same_size(synthetic_mvtec, tmp_path):
+    from stfpm_edge.config import load_config
+    from stfpm_edge.export.onnx_export import export_onnx
+    from stfpm_edge.train import train
+
+    cfg = load_config(None, dict(data=str(synthetic_mvtec), out=str(tmp_path / "mem"), height=64, width=48, reference="memory",
+                                 bank_size="400", memory_pool="2,1,1", threads=1, overlays=0))
+    run_dir, _ = train(cfg, progress=False)
+    export_onnx(run_dir / "model.pt", tmp_path / "mem.onnx")
+    out = tmp_path / "bench.json"
+    res = runner.invoke(app, ["bench", str(tmp_path / "mem.onnx"), "--iters", "3", "--warmup", "1", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    table = json.loads(out.read_text())["batches"]["1"]
+    assert set(table) == {"onnxruntime-fp32", "student-same-size"}
+    assert "onnxruntime-fp32" in res.output and "x the student pair of the same size" in res.output
+    alone = runner.invoke(app, ["bench", str(tmp_path / "mem.onnx"), "--iters", "2", "--warmup", "0", "--no-vs-student", "--json", str(out)])
+    assert alone.exit_code == 0 and set(json.loads(out.read_text())["batches"]["1"]) == {"onnxruntime-fp32"}
