@@ -5,7 +5,8 @@ Stages per batch of camera frames:
   inference    model input -> anomaly maps and scores
   postprocess  normalised score, verdict, and the map resized back onto the source frame
 Backends run interleaved, one batch each in rotating order, so that drift on a noisy machine hits
-all of them alike; ratios are taken against the PyTorch reference (two networks, then the map in
+all of them alike (``--consecutive N``: runs of N calls per backend instead, the first of each run
+untimed, as a camera loop calls one engine frame after frame with its own data in the caches); ratios are taken against the PyTorch reference (two networks, then the map in
 Python, the way reference implementations run STFPM).
 """
 
@@ -180,32 +181,50 @@ def open_backends(models: list[Path], wanted: list[str] | None, threads: int, tw
     return backends
 
 
-def run_benchmark(backends: list[Backend], frames: list[np.ndarray], batch_sizes: list[int], iters: int, warmup: int, progress: bool = True) -> dict[str, Any]:
-    """Interleaved per-stage timing. Returns per backend and batch size: stage stats, total, FPS, ratios."""
+def schedule(names: list[str], iters: int, warmup: int, consecutive: int = 1) -> list[tuple[str, bool]]:
+    """The order of calls: (backend, timed). ``consecutive`` = 1 alternates backends call by call; N > 1
+    gives each backend runs of N calls in a row (as a camera loop calls one engine), the first call of
+    each run untimed (its caches were another backend's), rounds rotating the order. ``warmup`` untimed
+    rounds first; each backend is timed ``iters`` times either way."""
+    out: list[tuple[str, bool]] = []
+    per_run = consecutive - 1 if consecutive > 1 else 1
+    rounds = warmup + -(-iters // per_run)
+    timed = {n: 0 for n in names}
+    for r in range(rounds):
+        for name in interleaved_order(names, r):
+            for j in range(consecutive):
+                is_timed = r >= warmup and (consecutive == 1 or j > 0) and timed[name] < iters
+                timed[name] += is_timed
+                out.append((name, is_timed))
+    return out
+
+
+def run_benchmark(backends: list[Backend], frames: list[np.ndarray], batch_sizes: list[int], iters: int, warmup: int, progress: bool = True,
+                  consecutive: int = 1) -> dict[str, Any]:
+    """Per-stage timing in the order ``schedule`` gives. Returns per backend and batch size: stage stats, total, FPS, ratios."""
     from tqdm import tqdm
 
-    results: dict[str, Any] = {"batches": {}}
+    results: dict[str, Any] = {"batches": {}, "consecutive": consecutive}
     src_shape = frames[0].shape[:2]
     by_name = {b.name: b for b in backends}
     names = list(by_name)
     for bs in batch_sizes:
         batch = [frames[i % len(frames)] for i in range(bs)]
         samples = {n: {s: [] for s in (*STAGES, "total")} for n in names}
-        for it in tqdm(range(warmup + iters), desc=f"batch {bs}", unit="iter", disable=not progress, leave=False):
-            for name in interleaved_order(names, it):
-                b = by_name[name]
-                t0 = time.perf_counter()
-                x = b.preprocess(batch)
-                t1 = time.perf_counter()
-                maps, scores = b.infer(x)
-                t2 = time.perf_counter()
-                b.postprocess(maps, scores, src_shape)
-                t3 = time.perf_counter()
-                if it >= warmup:
-                    for stage, dt in zip((*STAGES, "total"), (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
-                        samples[name][stage].append(dt * 1e3)
-                    for stage, ms in b.device_timings().items():  # GPU: host-to-device, compute, device-to-host
-                        samples[name].setdefault(f"gpu_{stage}", []).append(ms)
+        for name, timed in tqdm(schedule(names, iters, warmup, consecutive), desc=f"batch {bs}", unit="call", disable=not progress, leave=False):
+            b = by_name[name]
+            t0 = time.perf_counter()
+            x = b.preprocess(batch)
+            t1 = time.perf_counter()
+            maps, scores = b.infer(x)
+            t2 = time.perf_counter()
+            b.postprocess(maps, scores, src_shape)
+            t3 = time.perf_counter()
+            if timed:
+                for stage, dt in zip((*STAGES, "total"), (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+                    samples[name][stage].append(dt * 1e3)
+                for stage, ms in b.device_timings().items():  # GPU: host-to-device, compute, device-to-host
+                    samples[name].setdefault(f"gpu_{stage}", []).append(ms)
         table = {}
         for name in names:
             st = {s: percentiles(v) for s, v in samples[name].items()}
@@ -306,7 +325,8 @@ def histogram_plot(results: dict[str, Any], path: Path) -> None:
 
 
 def benchmark_models(models: list[Path], wanted: list[str] | None, batch_sizes: list[int], iters: int, warmup: int,
-                     threads: int = 0, image: Path | None = None, progress: bool = True, vs_student: bool = True) -> dict[str, Any]:
+                     threads: int = 0, image: Path | None = None, progress: bool = True, vs_student: bool = True,
+                     consecutive: int = 1) -> dict[str, Any]:
     """Open every backend the models give, benchmark them interleaved on one source frame, describe the machine.
 
     ``vs_student``: a memory model benchmarked without a student also gets ``student_twin``, so
@@ -331,13 +351,14 @@ def benchmark_models(models: list[Path], wanted: list[str] | None, batch_sizes: 
             from .synthetic import texture
 
             frame = texture(np.random.default_rng(0), geo.height, geo.width)
-        results = run_benchmark(backends, [frame], batch_sizes, iters, warmup, progress)
+        results = run_benchmark(backends, [frame], batch_sizes, iters, warmup, progress, consecutive)
     finally:
         for b in backends:
             b.close()
         twin_dir.cleanup()
     results["machine"] = machine_info(threads)
-    results["setup"] = {"models": [str(m) for m in models], "source_frame": list(frame.shape), "model_size": [geo.height, geo.width], "iters": iters, "warmup": warmup}
+    results["setup"] = {"models": [str(m) for m in models], "source_frame": list(frame.shape), "model_size": [geo.height, geo.width], "iters": iters, "warmup": warmup,
+                        "consecutive": consecutive}
     results["markdown"] = markdown_table(results)
     return results
 

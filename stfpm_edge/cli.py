@@ -258,6 +258,9 @@ def bench(
     image: Optional[Path] = typer.Option(None, "--image", help="source frame to use (any size) [default: a generated frame at model size]"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write all results and the machine description as JSON"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a latency histogram PNG"),
+    consecutive: int = typer.Option(1, "--consecutive", min=1, help="calls in a row per backend before the next takes over (the first of each run untimed): "
+                                    "1 alternates call by call; a camera calls one engine frame after frame, so e.g. 10 measures each with its own "
+                                    "data in the caches (a memory bank is tens of MB)"),
     vs_student: bool = typer.Option(True, "--vs-student/--no-vs-student", help="a memory model without a student beside it: also time the student pair "
                                     "of the same size (ONNX Runtime; random weights cost what trained ones do)"),
 ):
@@ -268,7 +271,7 @@ def bench(
         sizes = [int(b) for b in batch.split(",") if b.strip()]
     except ValueError:
         raise StfpmError(f"--batch must be comma-separated integers, got {batch!r}") from None
-    results = benchmark_models(models, backend, sizes, iters, warmup, threads, image, vs_student=vs_student)
+    results = benchmark_models(models, backend, sizes, iters, warmup, threads, image, vs_student=vs_student, consecutive=consecutive)
     typer.echo(results["markdown"], nl=False)
     for text in vs_student_lines(results):
         typer.echo(text)

@@ -27,6 +27,17 @@ def test_interleaving_puts_every_backend_in_every_slot():
         assert sorted(o[slot] for o in orders) == ["a", "a", "b", "b", "c", "c"]
 
 
+def test_schedule_alternates_or_gives_each_backend_runs_with_a_cold_first_call():
+    from stfpm_edge.bench import schedule
+
+    one = schedule(["a", "b"], iters=3, warmup=1, consecutive=1)
+    assert one == [("a", False), ("b", False), ("b", True), ("a", True), ("a", True), ("b", True), ("b", True), ("a", True)]
+    runs = schedule(["a", "b"], iters=5, warmup=0, consecutive=4)
+    assert [n for n, _ in runs[:8]] == ["a"] * 4 + ["b"] * 4  # runs of four calls in a row
+    assert [t for _, t in runs[:4]] == [False, True, True, True]  # the first of each run is untimed
+    assert sum(t for n, t in runs if n == "a") == 5 and sum(t for n, t in runs if n == "b") == 5
+
+
 def test_bench_cli_json_schema_and_ratios(tiny_run, tmp_path):
     from stfpm_edge.export.onnx_export import export_onnx
 
