@@ -52,18 +52,22 @@ VARIANTS: dict[str, dict] = {
     # issue 17: the student levers (synthetic defects with the clean teacher as target, hard-feature loss, cosine decay, bf16)
     "paper-e100": dict(reference="student", epochs=100, augment="none", blur_sigma=0.0),
     "synth-cos-bf16-e100": dict(reference="student", epochs=100, augment="rotate", blur_sigma=4.0, synthetic=0.5, lr_schedule="cosine", amp="bf16"),
+    "synth-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, synthetic=0.5),
+    "hard-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, hard_fraction=0.1),
+    "cos-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, lr_schedule="cosine"),
+    "defaults-bf16-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, amp="bf16"),
     "synth-cos-bf16-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, synthetic=0.5, lr_schedule="cosine", amp="bf16"),
     "cos-bf16-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, lr_schedule="cosine", amp="bf16"),
     "hard-cos-bf16-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, hard_fraction=0.1, lr_schedule="cosine", amp="bf16"),
     "synth-hard-cos-bf16-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, synthetic=0.5, hard_fraction=0.1,
                                     lr_schedule="cosine", amp="bf16"),
     # the teacher's own good features in the student's place (--reference memory): no epochs
-    "memory-16k": dict(reference="memory", bank_size=16384, blur_sigma=4.0),
-    "memory-4k": dict(reference="memory", bank_size=4096, blur_sigma=4.0),
-    "memory-32k": dict(reference="memory", bank_size=32768, blur_sigma=4.0),
-    "memory-16k-l12": dict(reference="memory", bank_size=16384, blur_sigma=4.0, layers="1,2"),
-    "memory-16k-l23": dict(reference="memory", bank_size=16384, blur_sigma=4.0, layers="2,3"),
-    "memory-16k-s384": dict(reference="memory", bank_size=16384, blur_sigma=4.0, height=384, width=384, batch_size=16),
+    "memory-16k": dict(reference="memory", memory_pool="1", bank_size=16384, blur_sigma=4.0),
+    "memory-4k": dict(reference="memory", memory_pool="1", bank_size=4096, blur_sigma=4.0),
+    "memory-32k": dict(reference="memory", memory_pool="1", bank_size=32768, blur_sigma=4.0),
+    "memory-16k-l12": dict(reference="memory", memory_pool="1", bank_size=16384, blur_sigma=4.0, layers="1,2"),
+    "memory-16k-l23": dict(reference="memory", memory_pool="1", bank_size=16384, blur_sigma=4.0, layers="2,3"),
+    "memory-16k-s384": dict(reference="memory", memory_pool="1", bank_size=16384, blur_sigma=4.0, height=384, width=384, batch_size=16),
 }
 
 # post-processing suffixes: "+blur4" (Gaussian sigma 4 px), "+top1pct" (mean of the top 1% of pixels)

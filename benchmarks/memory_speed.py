@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hard_parts import POSTS, post_variant, train_variant  # noqa: E402  (the same resumable training driver)
 
-MEM = dict(reference="memory", blur_sigma=4.0)
+MEM = dict(reference="memory", blur_sigma=4.0, memory_pool="1")  # explicit: the default changed to "auto" in issue 18
 # name -> TrainConfig overrides. aN: neighbourhood of N x N features; pABC: per-level pooling; banks in rows per level
 VARIANTS: dict[str, dict] = {
     "32k": dict(MEM, bank_size="32768"),  # the default before issue 18
@@ -45,6 +45,10 @@ VARIANTS: dict[str, dict] = {
     "p221-16k": dict(MEM, memory_pool="2,2,1", bank_size="16384"),
     "p221-32k": dict(MEM, memory_pool="2,2,1", bank_size="32768"),
     "p211-16k-16k-8k": dict(MEM, memory_pool="2,1,1", bank_size="16384,16384,8192"),
+    "p421-32k": dict(MEM, memory_pool="4,2,1", bank_size="32768"),
+    "p221-32k-32k-16k": dict(MEM, memory_pool="2,2,1", bank_size="32768,32768,16384"),
+    "p221-16k-32k-32k": dict(MEM, memory_pool="2,2,1", bank_size="16384,32768,32768"),
+    "p222-32k": dict(MEM, memory_pool="2,2,2", bank_size="32768"),
 }
 
 COLUMNS = ("image_auroc", "pixel_auroc", "pixel_f1", "aupro", "image_f1", "false_alarm_rate")

@@ -107,8 +107,8 @@ def train(
                                             "see README 'Hard parts') [default: memory]"),
     bank_size: Optional[str] = typer.Option(None, "--bank-size", help="memory: feature rows kept per level, one number or one per level (4096,16384,32768); "
                                             "fewer make inference faster [default: 32768]"),
-    memory_pool: Optional[str] = typer.Option(None, "--memory-pool", help="memory: per level, average k x k blocks of features before the search "
-                                              "(2,1,1: a quarter of the stride-4 queries) [default: none]"),
+    memory_pool: Optional[str] = typer.Option(None, "--memory-pool", help="memory: per level, average k x k blocks of features before the search, "
+                                              "e.g. 2,2,1; auto = 2 for levels finer than stride 16; 1 = none [default: auto]"),
     memory_aggregate: Optional[int] = typer.Option(None, "--memory-aggregate", help="memory: each feature the mean of its a x a neighbourhood first "
                                                    "(PatchCore; 1 = none) [default: 1]"),
     seed: Optional[int] = typer.Option(None, help="[default: 0]"),

@@ -43,7 +43,9 @@ class TrainConfig:
     # student: the paper's student network, trained for `epochs` (3.5-5x less inference time on a CPU)
     reference: str = "memory"
     bank_size: str = "32768"  # memory: rows per feature level, one number for all or one per level ("4096,16384,32768")
-    memory_pool: str = ""  # memory: per level, average k x k blocks of features before the search ("2,1,1": stride 8 at level 1); "" = none
+    # memory: per level, average k x k blocks of features before the search ("2,2,1"); auto = 2 for the levels finer than
+    # stride 16, 1 for the others (strides 4, 8, 16 are searched at 8, 16, 16: README "Memory at camera rate"); 1 = none
+    memory_pool: str = "auto"
     memory_aggregate: int = 1  # memory: each feature the mean of its a x a neighbourhood first (PatchCore; 1 = none)
     threshold_quantile: float = 0.99
     threads: int = 0
@@ -140,7 +142,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise StfpmError("epochs and batch size must be at least 1")
     parse_counts("bank_size", cfg.bank_size)
-    parse_counts("memory_pool", cfg.memory_pool)
+    if cfg.memory_pool != "auto":
+        parse_counts("memory_pool", cfg.memory_pool)
     if cfg.memory_aggregate < 1 or cfg.memory_aggregate % 2 == 0:
         raise StfpmError(f"config: memory_aggregate must be an odd number (1, 3, 5), got {cfg.memory_aggregate}")
     if not 0.0 <= cfg.hard_fraction < 1.0 or not 0.0 <= cfg.synthetic <= 1.0:

@@ -310,10 +310,17 @@ def _fit(p: Prepared, resume: bool, progress: bool) -> dict[str, Any]:
 POOL_PER_LEVEL = 500_000  # most candidate positions per level before the coreset: bounds memory and time
 
 
-def memory_search(cfg: TrainConfig, levels: int) -> tuple[MemorySearch, list[int]]:
-    """The search options and the rows per level that ``cfg`` asks of a memory with ``levels`` levels."""
-    search = MemorySearch(cfg.memory_aggregate, tuple(per_level(parse_counts("memory_pool", cfg.memory_pool), levels, 1)))
-    return search, per_level(parse_counts("bank_size", cfg.bank_size), levels, 32768)
+AUTO_POOL_BELOW_STRIDE = 16  # memory_pool auto: levels finer than this are searched at twice their stride
+
+
+def memory_search(cfg: TrainConfig, strides: list[int]) -> tuple[MemorySearch, list[int]]:
+    """The search options and the rows per level that ``cfg`` asks of a memory whose levels have these strides."""
+    if cfg.memory_pool == "auto":
+        # measured on screw (README): stride 4 searched at 8 and 8 at 16 raise pixel AUROC and keep image AUROC, for a third of the work
+        pools = [2 if s < AUTO_POOL_BELOW_STRIDE else 1 for s in strides]
+    else:
+        pools = per_level(parse_counts("memory_pool", cfg.memory_pool), len(strides), 1)
+    return MemorySearch(cfg.memory_aggregate, tuple(pools)), per_level(parse_counts("bank_size", cfg.bank_size), len(strides), 32768)
 
 
 def _fit_memory(p: Prepared, progress: bool) -> dict[str, Any]:
@@ -329,7 +336,7 @@ def _fit_memory(p: Prepared, progress: bool) -> dict[str, Any]:
     cfg, model, run_dir = p.cfg, p.model, p.run_dir
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(cfg.seed)
-    search, sizes = memory_search(cfg, len(model.teacher.feature_info.out_indices))
+    search, sizes = memory_search(cfg, list(model.teacher.feature_info.reduction()))
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
     t0 = time.perf_counter()

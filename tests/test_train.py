@@ -186,10 +186,12 @@ def test_memory_reference_trains_without_epochs_exports_at_parity_and_reloads(sy
     run_dir, metrics = train(cfg, progress=False)
     assert metrics["reference"] == "memory" and metrics["epochs"] == 0
     model, meta = load_checkpoint(run_dir / "model.pt")
-    n = meta["dataset"]["n_train"]  # stride 16 at 64 px: 4x4 positions per image, fewer than 300 in all
-    assert metrics["memory"]["rows_per_level"] == [300, 300, 16 * n] and 16 * n < 300
+    n = meta["dataset"]["n_train"]
+    # the default search pools strides 4 and 8 by 2: at 64 px 8x8, 4x4 and 4x4 positions per image, the last two fewer than 300 in all
+    assert metrics["memory"]["search"] == {"aggregate": 1, "pool": [2, 2, 1]}
+    assert metrics["memory"]["rows_per_level"] == [300, 16 * n, 16 * n] and 16 * n < 300
     assert metrics["image_auroc"] > 0.9  # the generated defects stand out of the teacher's own good features
-    assert isinstance(model.student, MemoryBank) and [len(b) for b in model.student.banks()] == [300, 300, 16 * n]
+    assert isinstance(model.student, MemoryBank) and [len(b) for b in model.student.banks()] == [300, 16 * n, 16 * n]
     assert "student" not in read_checkpoint(run_dir / "model.pt")
     # nothing is selected on the validation split, so it joins the calibration split in setting the threshold
     assert len(meta["normal_stats"]["heldout_scores"]) == meta["dataset"]["n_val"] + meta["dataset"]["n_calib"]
