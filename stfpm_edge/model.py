@@ -90,8 +90,9 @@ def memory_rows(t_feats: Sequence[torch.Tensor], search: MemorySearch) -> list[t
         if search.aggregate > 1:
             t = F.avg_pool2d(t, search.aggregate, stride=1, padding=search.aggregate // 2, count_include_pad=False)
         k = search.factor(level)
-        if k > 1:
-            t = F.avg_pool2d(t, k, stride=k, ceil_mode=True, count_include_pad=False)  # a ragged edge block: its own mean
+        if k > 1:  # a ragged edge block (a size not divisible by k) is the mean of what it covers; int(): constants at export
+            ragged = int(t.shape[-2]) % k != 0 or int(t.shape[-1]) % k != 0
+            t = F.avg_pool2d(t, k, stride=k, ceil_mode=ragged, count_include_pad=False)
         out.append(F.normalize(t, dim=1).permute(0, 2, 3, 1))
     return out
 
