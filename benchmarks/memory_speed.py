@@ -6,9 +6,9 @@
 
 Training variants are ``stfpm-edge train`` with a few options changed (VARIANTS; a run folder that
 holds ``metrics.json`` is reused). ``--table`` exports each finished run to a dynamic-batch FP32
-ONNX graph (once) and times all of them in one process, interleaved (each iteration runs every
-graph once, in rotating order), so the ratios between rows hold however busy the machine was;
-the absolute figures are only as quiet as the machine. GFLOP per frame is PyTorch's FLOP count of
+ONNX graph (once) and times all of them in one process: runs of a few calls per graph (the first
+untimed: as a camera calls one engine, its bank then sits in the caches), rounds in rotating
+order, so drift hits every row alike; the absolute figures are only as quiet as the machine. GFLOP per frame is PyTorch's FLOP count of
 the fused model (a multiply-add counts 2).
 
 ``--levels`` splits one model's ONNX Runtime time into the teacher and each level's search:
@@ -64,9 +64,12 @@ def export_run(run: Path) -> Path:
     return onnx_path
 
 
+CONSECUTIVE = 5  # calls in a row per graph (the first untimed): a camera calls one engine, whose bank then sits in the caches
+
+
 def time_graphs(paths: dict[str, Path], batches: tuple[int, ...], iters: int, threads: int) -> dict[str, dict[int, float]]:
-    """Median ms per frame of each graph at each batch, all graphs interleaved in rotating order."""
-    from stfpm_edge.bench import interleaved_order
+    """Median ms per frame of each graph at each batch: runs of CONSECUTIVE calls per graph, rounds in rotating order."""
+    from stfpm_edge.bench import schedule
     from stfpm_edge.engines import open_engine
 
     engines = {name: open_engine(p, threads=threads) for name, p in paths.items()}
@@ -78,10 +81,10 @@ def time_graphs(paths: dict[str, Path], batches: tuple[int, ...], iters: int, th
                 frames[name] = np.random.default_rng(0).integers(0, 256, (b, e.geometry.height, e.geometry.width, 3), dtype=np.uint8)
                 e.infer(frames[name])  # warm-up
             times: dict[str, list[float]] = {name: [] for name in engines}
-            for i in range(iters):
-                for name in interleaved_order(list(engines), i):
-                    t0 = time.perf_counter()
-                    engines[name].infer(frames[name])
+            for name, timed in schedule(list(engines), iters, 0, CONSECUTIVE):
+                t0 = time.perf_counter()
+                engines[name].infer(frames[name])
+                if timed:
                     times[name].append(time.perf_counter() - t0)
             for name in engines:
                 out[name][b] = 1000.0 * float(np.median(times[name])) / b
@@ -177,14 +180,13 @@ def level_times(checkpoint: Path, iters: int, threads: int, blocks: tuple[int, .
             s = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             sessions[name] = (s, {"x": x.numpy()})
         times: dict[str, list[float]] = {name: [] for name in sessions}
-        for name, (s, feed) in sessions.items():
+        from stfpm_edge.bench import schedule
+
+        for name, timed in schedule(list(sessions), iters, 0, CONSECUTIVE):
+            s, feed = sessions[name]
+            t0 = time.perf_counter()
             s.run(None, feed)
-        for i in range(iters):
-            names = list(sessions)
-            for name in names[i % len(names):] + names[: i % len(names)]:
-                s, feed = sessions[name]
-                t0 = time.perf_counter()
-                s.run(None, feed)
+            if timed:
                 times[name].append(time.perf_counter() - t0)
     for r in rows:
         r["ms"] = 1000.0 * float(np.median(times[r["part"]]))
