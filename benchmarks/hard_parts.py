@@ -147,6 +147,15 @@ def post_variant(data: Path, out_root: Path, name: str, variants: dict[str, dict
     return record
 
 
+def run_variants(datas: list[Path], out_root: Path, names: list[str], variants: dict[str, dict] | None = None) -> None:
+    """Train (or re-score, NAME+POST) every variant on every data set, printing one line each (the benchmarks' driver)."""
+    for data in datas:
+        for name in names:
+            t0 = time.time()
+            r = post_variant(data, out_root, name, variants) if "+" in name else train_variant(data, out_root, name, variants)
+            print(f"{data.name} {name}: " + ", ".join(f"{c} {r.get(c)}" for c in COLUMNS) + f" ({time.time() - t0:.0f} s)", flush=True)
+
+
 def lever_costs(backbones=("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"), sizes=(256, 384, 512),
                 batch: int = 8, repeats: int = 5) -> list[dict]:
     """Training-step and inference cost of teacher and input-size levers, measured interleaved in one process.
@@ -251,11 +260,7 @@ def main() -> None:
             remeasure_latency(args.table)
         print(table(args.table), end="")
         return
-    for data in args.data:
-        for name in args.variant:
-            t0 = time.time()
-            record = post_variant(data, args.out, name) if "+" in name else train_variant(data, args.out, name)
-            print(f"{data.name} {name}: " + ", ".join(f"{c} {record.get(c)}" for c in COLUMNS) + f" ({time.time() - t0:.0f} s)", flush=True)
+    run_variants(args.data, args.out, args.variant)
     print(table(args.out), end="")
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hard_parts import POSTS, post_variant, train_variant  # noqa: E402  (the same resumable training driver)
+from hard_parts import COLUMNS, POSTS, run_variants  # noqa: E402  (the same resumable training driver)
 
 MEM = dict(reference="memory", blur_sigma=4.0, memory_pool="1")  # explicit: the default changed to "auto" in issue 18
 # name -> TrainConfig overrides. aN: neighbourhood of N x N features; pABC: per-level pooling; banks in rows per level
@@ -50,9 +50,6 @@ VARIANTS: dict[str, dict] = {
     "p221-16k-32k-32k": dict(MEM, memory_pool="2,2,1", bank_size="16384,32768,32768"),
     "p222-32k": dict(MEM, memory_pool="2,2,2", bank_size="32768"),
 }
-
-COLUMNS = ("image_auroc", "pixel_auroc", "pixel_f1", "aupro", "image_f1", "false_alarm_rate")
-
 
 def export_run(run: Path) -> Path:
     """The run's FP32 graph with a free batch (exported once; checked for parity by `stfpm-edge export`, not here)."""
@@ -222,11 +219,7 @@ def main() -> None:
     if args.table:
         print(table(args.table, args.iters, args.threads), end="")
         return
-    for data in args.data:
-        for name in args.variant:
-            t0 = time.time()
-            r = post_variant(data, args.out, name, VARIANTS) if "+" in name else train_variant(data, args.out, name, VARIANTS)
-            print(f"{data.name} {name}: " + ", ".join(f"{c} {r.get(c)}" for c in COLUMNS) + f" ({time.time() - t0:.0f} s)", flush=True)
+    run_variants(args.data, args.out, args.variant, VARIANTS)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hard_parts import COLUMNS, VARIANTS, train_variant  # noqa: E402
+from hard_parts import VARIANTS, run_variants  # noqa: E402
 from memory_speed import table  # noqa: E402  (one table for both references)
 
 
@@ -42,11 +41,7 @@ def main() -> None:
     if args.table:
         print(table(args.table, args.iters, args.threads), end="")
         return
-    for data in args.data:
-        for name in args.variant:
-            t0 = time.time()
-            r = train_variant(data, args.out, name)
-            print(f"{data.name} {name}: " + ", ".join(f"{c} {r.get(c)}" for c in COLUMNS) + f" ({time.time() - t0:.0f} s)", flush=True)
+    run_variants(args.data, args.out, args.variant)
 
 
 if __name__ == "__main__":
