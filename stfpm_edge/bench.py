@@ -341,8 +341,13 @@ def benchmark_models(models: list[Path], wanted: list[str] | None, batch_sizes: 
         raise StfpmError("batch sizes and --iters must be at least 1")
     import tempfile
 
-    twin_dir = tempfile.TemporaryDirectory(prefix="stfpm-bench-")
-    backends = open_backends(models, wanted, threads, Path(twin_dir.name) if vs_student else None)
+    twin_dir = tempfile.TemporaryDirectory(prefix="stfpm-bench-") if vs_student else None
+    try:
+        backends = open_backends(models, wanted, threads, Path(twin_dir.name) if twin_dir else None)
+    except BaseException:
+        if twin_dir:
+            twin_dir.cleanup()
+        raise
     try:
         geo = backends[0].geometry
         if image is not None:
@@ -355,7 +360,8 @@ def benchmark_models(models: list[Path], wanted: list[str] | None, batch_sizes: 
     finally:
         for b in backends:
             b.close()
-        twin_dir.cleanup()
+        if twin_dir:
+            twin_dir.cleanup()
     results["machine"] = machine_info(threads)
     results["setup"] = {"models": [str(m) for m in models], "source_frame": list(frame.shape), "model_size": [geo.height, geo.width], "iters": iters, "warmup": warmup,
                         "consecutive": consecutive}

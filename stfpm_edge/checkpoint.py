@@ -71,9 +71,7 @@ def load_checkpoint(path: str | Path) -> tuple[STFPM, dict[str, Any]]:
             banks = payload["memory"]
             if not all(isinstance(banks.get(f"bank{k}"), torch.Tensor) for k in range(len(banks))):
                 raise RuntimeError("memory bank levels missing")
-            search = meta.get("memory_search") or {}  # absent before the search had options: the plain search
-            student = MemoryBank([banks[f"bank{k}"] for k in range(len(banks))],
-                                 MemorySearch(int(search.get("aggregate", 1)), tuple(int(k) for k in search.get("pool", ()))))
+            student = MemoryBank([banks[f"bank{k}"] for k in range(len(banks))], MemorySearch.from_dict(meta.get("memory_search")))
             if [b.shape[1] for b in student.banks()] != list(teacher.feature_info.channels()):
                 raise RuntimeError(f"bank widths {[b.shape[1] for b in student.banks()]} differ from the teacher's levels")
         else:

@@ -81,6 +81,12 @@ class MemorySearch:
     def to_dict(self) -> dict:
         return {"aggregate": self.aggregate, "pool": [int(k) for k in self.pool]}
 
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "MemorySearch":
+        """``to_dict``'s inverse; None or {} (checkpoints from before the search had options) is the plain search."""
+        d = d or {}
+        return cls(int(d.get("aggregate", 1)), tuple(int(k) for k in d.get("pool", ())))
+
 
 def memory_rows(t_feats: Sequence[torch.Tensor], search: MemorySearch) -> list[torch.Tensor]:
     """Teacher features [N, C, h, w] per level -> unit rows [N, h', w', C] (after ``search``'s pooling)."""
