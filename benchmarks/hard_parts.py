@@ -61,6 +61,10 @@ VARIANTS: dict[str, dict] = {
     "hard-cos-bf16-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, hard_fraction=0.1, lr_schedule="cosine", amp="bf16"),
     "synth-hard-cos-bf16-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, synthetic=0.5, hard_fraction=0.1,
                                     lr_schedule="cosine", amp="bf16"),
+    "hard-e100": dict(reference="student", epochs=100, augment="rotate", blur_sigma=4.0, hard_fraction=0.1),
+    "norm-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, feature_norm="channel"),
+    "norm-hard-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, feature_norm="channel", hard_fraction=0.1),
+    "norm-hard-e100": dict(reference="student", epochs=100, augment="rotate", blur_sigma=4.0, feature_norm="channel", hard_fraction=0.1),
     # the teacher's own good features in the student's place (--reference memory): no epochs
     "memory-16k": dict(reference="memory", memory_pool="1", bank_size=16384, blur_sigma=4.0),
     "memory-4k": dict(reference="memory", memory_pool="1", bank_size=4096, blur_sigma=4.0),

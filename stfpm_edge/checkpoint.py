@@ -15,7 +15,7 @@ import torch
 from . import __version__
 from .errors import ModelFileError
 from .fileio import atomic_write_bytes
-from .model import STFPM, MapPost, MemoryBank, MemorySearch
+from .model import STFPM, FeatureNorm, MapPost, MemoryBank, MemorySearch
 
 FORMAT = "stfpm-edge/checkpoint/1"
 
@@ -65,6 +65,8 @@ def load_checkpoint(path: str | Path) -> tuple[STFPM, dict[str, Any]]:
     name = meta["backbone"]
     layers = meta.get("layers")  # absent in checkpoints from before levels were an option
     teacher = backbones.create_features(name, layers)
+    if meta.get("feature_norm", "none") == "channel":  # standardised teacher levels: the statistics are in its state
+        teacher = FeatureNorm.empty(teacher)
     try:
         teacher.load_state_dict(payload["teacher"])
         if "memory" in payload:  # --reference memory: the teacher's good features instead of a student

@@ -39,6 +39,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant (the paper) or cosine (decays to 0 over the epochs)
     hard_fraction: float = 0.0  # > 0: only this fraction of positions with the largest distances trains the student (EfficientAD)
     synthetic: float = 0.0  # share of each batch given a synthetic defect; the student must answer the teacher's features of the clean image
+    feature_norm: str = "none"  # none (the paper) or channel: teacher features standardised per channel with good-image statistics
     # memory: a coreset of the teacher's own good features (the default: far better on hard parts, no epochs, README "Hard parts");
     # student: the paper's student network, trained for `epochs` (3.5-5x less inference time on a CPU)
     reference: str = "memory"
@@ -149,7 +150,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if not 0.0 <= cfg.hard_fraction < 1.0 or not 0.0 <= cfg.synthetic <= 1.0:
         raise StfpmError(f"config: hard_fraction must be in [0, 1) and synthetic in [0, 1], got {cfg.hard_fraction} and {cfg.synthetic}")
     for name, allowed in (("augment", AUGMENTS), ("amp", AMP_MODES), ("select", ("best", "last")), ("reference", REFERENCES),
-                          ("lr_schedule", LR_SCHEDULES)):
+                          ("lr_schedule", LR_SCHEDULES), ("feature_norm", FEATURE_NORMS)):
         if getattr(cfg, name) not in allowed:
             raise StfpmError(f"config: {name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
     if not 0.0 < cfg.threshold_quantile <= 1.0:
@@ -166,6 +167,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 AUGMENTS = ("none", "flip", "rot90", "rotate")
 AMP_MODES = ("off", "bf16", "fp16", "auto")
 LR_SCHEDULES = ("constant", "cosine")
+FEATURE_NORMS = ("none", "channel")
 
 
 def parse_layers(text: str) -> tuple[int, ...] | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +101,66 @@ def memory_rows(t_feats: Sequence[torch.Tensor], search: MemorySearch) -> list[t
             t = F.avg_pool2d(t, k, stride=k, ceil_mode=ragged, count_include_pad=False)
         out.append(F.normalize(t, dim=1).permute(0, 2, 3, 1))
     return out
+
+
+class FeatureNorm(nn.Module):
+    """A feature pyramid whose every level is standardised per channel with good-image statistics.
+
+    ``(f - mean) / std`` per channel and level, the statistics taken from the teacher's features of
+    the good training images (``channel_stats``). Without it the paper's cosine distance sees mostly
+    the features' common direction (post-activation features share a large mean), so a position
+    that differs in a few channels moves the distance little; standardised, every channel's spread
+    counts alike. One subtract and multiply per feature, inside the exported graph.
+    ``feature_info`` is the wrapped network's, so the wrapper stands wherever the network did.
+    """
+
+    def __init__(self, net: nn.Module, means: Sequence[torch.Tensor], stds: Sequence[torch.Tensor]):
+        super().__init__()
+        self.net = net
+        self.feature_info = net.feature_info
+        self.levels = len(means)
+        for k, (m, sd) in enumerate(zip(means, stds)):
+            self.register_buffer(f"mean{k}", m.float().reshape(1, -1, 1, 1).clone())
+            self.register_buffer(f"inv_std{k}", (1.0 / sd.float()).reshape(1, -1, 1, 1).clone())
+
+    @classmethod
+    def empty(cls, net: nn.Module) -> "FeatureNorm":
+        """Placeholder statistics of the right shapes, to be overwritten by ``load_state_dict``."""
+        chans = list(net.feature_info.channels())
+        return cls(net, [torch.zeros(c) for c in chans], [torch.ones(c) for c in chans])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [(f - getattr(self, f"mean{k}")) * getattr(self, f"inv_std{k}") for k, f in enumerate(self.net(x))]
+
+
+# a channel whose spread on good images is below this share of the level's median spread is scaled as if it had that
+# spread: a nearly constant channel would otherwise turn tiny differences (noise, JPEG) into large distances
+STD_FLOOR = 0.1
+
+
+def channel_stats(batches: Iterable[Sequence[torch.Tensor]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per level, the mean and (floored) standard deviation per channel over batches of feature levels [N, C, h, w]."""
+    n, s1, s2 = None, None, None
+    for levels in batches:
+        f64 = [f.double() for f in levels]
+        sums = [f.sum(dim=(0, 2, 3)) for f in f64]
+        squares = [f.pow(2).sum(dim=(0, 2, 3)) for f in f64]
+        counts = [f.shape[0] * f.shape[2] * f.shape[3] for f in f64]
+        if n is None:
+            n, s1, s2 = counts, sums, squares
+        else:
+            n = [a + b for a, b in zip(n, counts)]
+            s1 = [a + b for a, b in zip(s1, sums)]
+            s2 = [a + b for a, b in zip(s2, squares)]
+    if n is None:
+        raise StfpmError("feature statistics need at least one image")
+    means, stds = [], []
+    for count, a, b in zip(n, s1, s2):
+        mean = a / count
+        std = (b / count - mean.pow(2)).clamp_min(0).sqrt()
+        means.append(mean.float())
+        stds.append(std.clamp_min(max(float(std.median()) * STD_FLOOR, 1e-6)).float())
+    return means, stds
 
 
 class MemoryBank(nn.Module):

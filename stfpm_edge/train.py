@@ -22,7 +22,7 @@ from .errors import StfpmError
 from .evaluate import evaluate, predict, write_outputs
 from .fileio import atomic_write_json, sha256_file
 from .geometry import Geometry
-from .model import STFPM, MapPost, MemoryBank, MemorySearch, greedy_coreset, memory_rows, stfpm_loss
+from .model import STFPM, FeatureNorm, MapPost, MemoryBank, MemorySearch, channel_stats, greedy_coreset, memory_rows, stfpm_loss
 from .store import TrainingStore
 from .thresholds import normal_statistics, threshold_from_normal
 
@@ -67,6 +67,14 @@ class TeacherCache:
     def __getitem__(self, idx: torch.Tensor) -> list[torch.Tensor]:
         rows = np.asarray(idx)
         return [torch.from_numpy(rec[rows]).to(self.device) for rec in self.levels]
+
+
+def teacher_stats(model: STFPM, images, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per level, the channel means and spreads of the teacher's features of these (unaugmented) images."""
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        return channel_stats(model.teacher(model.normalize(torch.from_numpy(images[i : i + batch_size]).to(device)))
+                             for i in range(0, len(images), batch_size))
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator | None):
@@ -244,6 +252,8 @@ def _prepare(cfg: TrainConfig, resume: bool, progress: bool, store: TrainingStor
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model = STFPM.build(cfg.backbone, cfg.teacher_weights, layers=layers, post=post).to(device)
+    if cfg.feature_norm == "channel":  # before anything reads the teacher: the cache, the student's targets and the bank see standardised levels
+        model.teacher = FeatureNorm(model.teacher, *teacher_stats(model, train_imgs, cfg.batch_size))
     use_cache = cfg.cache_teacher and cfg.augment == "none" and cfg.reference == "student"
     cache_train = TeacherCache(model, train_imgs, cfg.batch_size, store, "train") if use_cache else None
     # validation images are never augmented; a memory bank has nothing to select
@@ -392,6 +402,7 @@ def _finish(p: Prepared, training: dict[str, Any], progress: bool) -> tuple[Path
         "backbone": cfg.backbone,
         "layers": list(model.teacher.feature_info.out_indices),
         "map_post": model.post.to_dict(),
+        "feature_norm": cfg.feature_norm,
         **({"memory_search": model.student.search.to_dict()} if cfg.reference == "memory" else {}),
         "geometry": geometry.to_dict(),
         "input": {"dtype": "uint8", "layout": "NHWC", "colour_order": "BGR"},

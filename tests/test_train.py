@@ -68,7 +68,8 @@ def _cfg(data, out, **kw):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("levers", [{}, dict(lr_schedule="cosine", synthetic=0.5, hard_fraction=0.2)], ids=["paper", "student-levers"])
+@pytest.mark.parametrize("levers", [{}, dict(lr_schedule="cosine", synthetic=0.5, hard_fraction=0.2, feature_norm="channel")],
+                         ids=["paper", "student-levers"])
 def test_resume_continues_and_matches_uninterrupted_run(synthetic_mvtec, tmp_path, monkeypatch, levers):
     # with the levers: the cosine schedule's position and the generator that draws the synthetic defects resume too
     def make(data, out, **kw):
@@ -99,6 +100,49 @@ def test_resume_continues_and_matches_uninterrupted_run(synthetic_mvtec, tmp_pat
     assert resumed["image_auroc"] == pytest.approx(full["image_auroc"], abs=1e-6)
     with pytest.raises(StfpmError, match="nothing to resume"):
         train(make(synthetic_mvtec, tmp_path / "resumed", epochs=2), resume=True, progress=False)
+
+
+def test_a_feature_normalised_student_standardises_the_teacher_and_exports_as_one_graph(synthetic_mvtec, tmp_path):
+    from stfpm_edge.datasets import discover, heldout_splits
+    from stfpm_edge.export.onnx_export import export_onnx, parity_ok, verify_export
+    from stfpm_edge.geometry import Geometry
+    from stfpm_edge.model import FeatureNorm
+    from stfpm_edge.store import TrainingStore
+
+    cfg = _cfg(synthetic_mvtec, tmp_path / "run", epochs=1, feature_norm="channel")
+    run_dir, metrics = train(cfg, progress=False)
+    model, meta = load_checkpoint(run_dir / "model.pt")
+    assert meta["feature_norm"] == "channel" and isinstance(model.teacher, FeatureNorm)
+    # on the good training images the loaded teacher's levels have mean 0 and spread 1 per channel (or less: a floored channel)
+    train_samples = heldout_splits(discover(cfg.data, seed=cfg.seed).train, cfg.val_fraction, cfg.calib_fraction, cfg.seed)[0]
+    with TrainingStore() as store:
+        imgs = store.images("train", train_samples, Geometry(64, 64, "squash"), False, "")
+        with torch.inference_mode():
+            feats = model.teacher(model.normalize(torch.from_numpy(imgs[: len(imgs)])))
+    for f in feats:
+        assert f.mean(dim=(0, 2, 3)).abs().max() < 1e-3
+        spread = f.std(dim=(0, 2, 3), correction=0)
+        assert spread.max() < 1.0 + 1e-3 and (spread > 0.999).float().mean() > 0.5
+    export_onnx(run_dir / "model.pt", tmp_path / "m.onnx")  # the standardisation is two more nodes per level of the one graph
+    ok, problems = parity_ok(verify_export(tmp_path / "m.onnx", run_dir / "model.pt", synthetic_mvtec, progress=False))
+    assert ok, problems
+    assert metrics["image_auroc"] is not None
+
+
+def test_channel_stats_are_the_per_channel_mean_and_floored_spread():
+    from stfpm_edge.model import STD_FLOOR, channel_stats
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 4, 5, 6, generator=g) * torch.tensor([1.0, 2.0, 3.0, 0.0]).view(1, 4, 1, 1) + 7.0
+    b = torch.randn(2, 4, 5, 6, generator=g) * torch.tensor([1.0, 2.0, 3.0, 0.0]).view(1, 4, 1, 1) + 7.0
+    (mean,), (std,) = channel_stats(iter([[a], [b]]))  # two batches of one level, streamed
+    both = torch.cat([a, b])
+    assert torch.allclose(mean, both.mean(dim=(0, 2, 3)), atol=1e-5)
+    true = both.std(dim=(0, 2, 3), correction=0)
+    assert torch.allclose(std[:3], true[:3], atol=1e-4)
+    assert std[3] == pytest.approx(STD_FLOOR * float(true.median()), rel=1e-4)  # the constant channel gets the floor
+    with pytest.raises(StfpmError, match="at least one image"):
+        channel_stats(iter([]))
 
 
 @pytest.mark.slow
