@@ -65,6 +65,9 @@ VARIANTS: dict[str, dict] = {
     "norm-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, feature_norm="channel"),
     "norm-hard-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, feature_norm="channel", hard_fraction=0.1),
     "norm-hard-e100": dict(reference="student", epochs=100, augment="rotate", blur_sigma=4.0, feature_norm="channel", hard_fraction=0.1),
+    "lite1s-hard-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, hard_fraction=0.1, student_backbone="tf_efficientnet_lite1"),
+    "lite1s-norm-hard-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, hard_fraction=0.1, feature_norm="channel",
+                                 student_backbone="tf_efficientnet_lite1"),
     # the teacher's own good features in the student's place (--reference memory): no epochs
     "memory-16k": dict(reference="memory", memory_pool="1", bank_size=16384, blur_sigma=4.0),
     "memory-4k": dict(reference="memory", memory_pool="1", bank_size=4096, blur_sigma=4.0),

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from . import __version__
-from .errors import ModelFileError
+from .errors import ModelFileError, StfpmError
 from .fileio import atomic_write_bytes
-from .model import STFPM, FeatureNorm, MapPost, MemoryBank, MemorySearch
+from .model import STFPM, FeatureNorm, MapPost, MemoryBank, MemorySearch, create_student
 
 FORMAT = "stfpm-edge/checkpoint/1"
 
@@ -77,9 +77,9 @@ def load_checkpoint(path: str | Path) -> tuple[STFPM, dict[str, Any]]:
             if [b.shape[1] for b in student.banks()] != list(teacher.feature_info.channels()):
                 raise RuntimeError(f"bank widths {[b.shape[1] for b in student.banks()]} differ from the teacher's levels")
         else:
-            student = backbones.create_features(name, layers)
+            student = create_student(meta.get("student_backbone") or name, layers, teacher)
             student.load_state_dict(payload["student"])
-    except (RuntimeError, AttributeError) as exc:
+    except (RuntimeError, AttributeError, StfpmError) as exc:
         raise ModelFileError(f"{path}: weights do not fit backbone {name!r}: {_short(exc)}") from None
     for p in teacher.parameters():
         p.requires_grad_(False)

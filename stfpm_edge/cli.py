@@ -102,6 +102,8 @@ def train(
     hard_fraction: Optional[float] = typer.Option(None, "--hard-fraction", help="student: only this share of positions with the largest distances trains it (0 = all, the paper) [default: 0]"),
     synthetic: Optional[float] = typer.Option(None, "--synthetic", help="student: share of each batch given a synthetic defect, where it must answer the teacher's features "
                                               "of the clean image (0 = none, the paper) [default: 0]"),
+    student_backbone: Optional[str] = typer.Option(None, "--student-backbone", help="student: its network, random weights; it must give the teacher's level "
+                                                   "widths (a tf_efficientnet_lite1 student is a deeper one for the lite0 teacher) [default: the teacher's]"),
     feature_norm: Optional[str] = typer.Option(None, "--feature-norm", help="none (the paper) or channel: the teacher's features standardised per channel "
                                                "with statistics of the good training images, inside the exported graph [default: none]"),
     reference: Optional[str] = typer.Option(None, help="what the teacher is compared with: student (the paper: a network trained for --epochs) or "
@@ -134,7 +136,7 @@ def train(
         teacher_weights=str(teacher_weights) if teacher_weights else None, height=h, width=w, resize=resize,
         val_fraction=val_fraction, threshold_quantile=threshold_quantile, augment=augment, cache_teacher=cache_teacher,
         layers=layers, blur_sigma=blur_sigma, topk_fraction=topk_fraction, calib_fraction=calib_fraction, select=select, amp=amp,
-        lr_schedule=lr_schedule, hard_fraction=hard_fraction, synthetic=synthetic, feature_norm=feature_norm,
+        lr_schedule=lr_schedule, hard_fraction=hard_fraction, synthetic=synthetic, feature_norm=feature_norm, student_backbone=student_backbone,
         reference=reference, bank_size=bank_size, memory_pool=memory_pool, memory_aggregate=memory_aggregate, seed=seed, threads=threads, device=device, overlays=overlays), stored=stored)
     if cfg.reference == "memory" and epochs is not None:
         typer.echo("note: --epochs applies to a student (--reference student); a memory reference has no epochs")

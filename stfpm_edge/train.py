@@ -251,7 +251,7 @@ def _prepare(cfg: TrainConfig, resume: bool, progress: bool, store: TrainingStor
 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    model = STFPM.build(cfg.backbone, cfg.teacher_weights, layers=layers, post=post).to(device)
+    model = STFPM.build(cfg.backbone, cfg.teacher_weights, layers=layers, post=post, student_backbone=cfg.student_backbone or None).to(device)
     if cfg.feature_norm == "channel":  # before anything reads the teacher: the cache, the student's targets and the bank see standardised levels
         model.teacher = FeatureNorm(model.teacher, *teacher_stats(model, train_imgs, cfg.batch_size))
     use_cache = cfg.cache_teacher and cfg.augment == "none" and cfg.reference == "student"
@@ -403,6 +403,7 @@ def _finish(p: Prepared, training: dict[str, Any], progress: bool) -> tuple[Path
         "layers": list(model.teacher.feature_info.out_indices),
         "map_post": model.post.to_dict(),
         "feature_norm": cfg.feature_norm,
+        **({"student_backbone": cfg.student_backbone or cfg.backbone} if cfg.reference == "student" else {}),
         **({"memory_search": model.student.search.to_dict()} if cfg.reference == "memory" else {}),
         "geometry": geometry.to_dict(),
         "input": {"dtype": "uint8", "layout": "NHWC", "colour_order": "BGR"},

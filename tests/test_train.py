@@ -102,17 +102,19 @@ def test_resume_continues_and_matches_uninterrupted_run(synthetic_mvtec, tmp_pat
         train(make(synthetic_mvtec, tmp_path / "resumed", epochs=2), resume=True, progress=False)
 
 
-def test_a_feature_normalised_student_standardises_the_teacher_and_exports_as_one_graph(synthetic_mvtec, tmp_path):
+def test_a_feature_normalised_deeper_student_standardises_the_teacher_and_exports_as_one_graph(synthetic_mvtec, tmp_path):
     from stfpm_edge.datasets import discover, heldout_splits
     from stfpm_edge.export.onnx_export import export_onnx, parity_ok, verify_export
     from stfpm_edge.geometry import Geometry
     from stfpm_edge.model import FeatureNorm
     from stfpm_edge.store import TrainingStore
 
-    cfg = _cfg(synthetic_mvtec, tmp_path / "run", epochs=1, feature_norm="channel")
+    cfg = _cfg(synthetic_mvtec, tmp_path / "run", epochs=1, feature_norm="channel", student_backbone="tf_efficientnet_lite1")
     run_dir, metrics = train(cfg, progress=False)
     model, meta = load_checkpoint(run_dir / "model.pt")
     assert meta["feature_norm"] == "channel" and isinstance(model.teacher, FeatureNorm)
+    assert meta["student_backbone"] == "tf_efficientnet_lite1" and len(model.student.blocks[-1]) == 4  # lite1's stride-16 stage: 4 blocks (lite0: 3)
+    assert sum(p.numel() for p in model.student.parameters()) > 1.3 * sum(p.numel() for p in model.teacher.parameters())
     # on the good training images the loaded teacher's levels have mean 0 and spread 1 per channel (or less: a floored channel)
     train_samples = heldout_splits(discover(cfg.data, seed=cfg.seed).train, cfg.val_fraction, cfg.calib_fraction, cfg.seed)[0]
     with TrainingStore() as store:
@@ -127,6 +129,15 @@ def test_a_feature_normalised_student_standardises_the_teacher_and_exports_as_on
     ok, problems = parity_ok(verify_export(tmp_path / "m.onnx", run_dir / "model.pt", synthetic_mvtec, progress=False))
     assert ok, problems
     assert metrics["image_auroc"] is not None
+
+
+def test_a_student_must_have_the_teachers_widths_and_a_memory_has_no_student(synthetic_mvtec, tmp_path):
+    from stfpm_edge.model import STFPM
+
+    with pytest.raises(StfpmError, match=r"levels of \[24, 48, 120\] channels, the teacher's have \[24, 40, 112\]"):
+        STFPM.build("tf_efficientnet_lite0", pretrained=False, student_backbone="tf_efficientnet_lite2")
+    with pytest.raises(StfpmError, match="student_backbone applies to a student"):
+        _cfg(synthetic_mvtec, tmp_path, reference="memory", student_backbone="tf_efficientnet_lite1")
 
 
 def test_channel_stats_are_the_per_channel_mean_and_floored_spread():
