@@ -104,8 +104,9 @@ def train(
                                               "of the clean image (0 = none, the paper) [default: 0]"),
     student_backbone: Optional[str] = typer.Option(None, "--student-backbone", help="student: its network, random weights; it must give the teacher's level "
                                                    "widths (a tf_efficientnet_lite1 student is a deeper one for the lite0 teacher) [default: the teacher's]"),
-    feature_norm: Optional[str] = typer.Option(None, "--feature-norm", help="none (the paper) or channel: the teacher's features standardised per channel "
-                                               "with statistics of the good training images, inside the exported graph [default: none]"),
+    feature_norm: Optional[str] = typer.Option(None, "--feature-norm", help="student: none (the paper) or channel: the teacher's features standardised per "
+                                               "channel with statistics of the good training images and compared by their mean squared difference "
+                                               "(EfficientAD), inside the exported graph [default: none]"),
     reference: Optional[str] = typer.Option(None, help="what the teacher is compared with: student (the paper: a network trained for --epochs) or "
                                             "memory (a coreset of the teacher's own features of the good images: no epochs, more inference work; "
                                             "see README 'Hard parts') [default: memory]"),

@@ -40,7 +40,8 @@ class TrainConfig:
     hard_fraction: float = 0.0  # > 0: only this fraction of positions with the largest distances trains the student (EfficientAD)
     synthetic: float = 0.0  # share of each batch given a synthetic defect; the student must answer the teacher's features of the clean image
     student_backbone: str = ""  # the student's network; empty = the teacher's (the paper); it must give the teacher's level widths
-    feature_norm: str = "none"  # none (the paper) or channel: teacher features standardised per channel with good-image statistics
+    # none (the paper) or channel: teacher features standardised per channel with good-image statistics, compared by l2 (EfficientAD)
+    feature_norm: str = "none"
     # memory: a coreset of the teacher's own good features (the default: far better on hard parts, no epochs, README "Hard parts");
     # student: the paper's student network, trained for `epochs` (3.5-5x less inference time on a CPU)
     reference: str = "memory"
@@ -154,8 +155,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                           ("lr_schedule", LR_SCHEDULES), ("feature_norm", FEATURE_NORMS)):
         if getattr(cfg, name) not in allowed:
             raise StfpmError(f"config: {name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
-    if cfg.student_backbone and cfg.reference != "student":
-        raise StfpmError(f"config: student_backbone applies to a student (reference: student); a {cfg.reference} reference has no student network")
+    for name, off in (("student_backbone", ""), ("feature_norm", "none")):
+        if getattr(cfg, name) != off and cfg.reference != "student":
+            raise StfpmError(f"config: {name} applies to a student (reference: student); a {cfg.reference} reference has no student network")
     if not 0.0 < cfg.threshold_quantile <= 1.0:
         raise StfpmError(f"config: threshold_quantile must be in (0, 1], got {cfg.threshold_quantile}")
     if not 0.0 < cfg.val_fraction < 1.0:

@@ -174,7 +174,7 @@ def run_epoch(model: STFPM, images: np.ndarray, cache: TeacherCache | None, opti
             if cfg.synthetic > 0:  # the teacher saw the clean image: the target where the student sees a defect
                 x = synthetic_defects(x, cfg.synthetic, generator)
             s = model.student(x)
-        loss = stfpm_loss([f.float() for f in t], [f.float() for f in s], cfg.hard_fraction)
+        loss = stfpm_loss([f.float() for f in t], [f.float() for f in s], cfg.hard_fraction, model.metric)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -195,7 +195,7 @@ def validation_loss(model: STFPM, images: np.ndarray, cache: TeacherCache | None
         for idx in _batches(len(images), batch_size, None):
             x = model.normalize(torch.from_numpy(images[idx.numpy()]).to(device))
             t = cache[idx] if cache is not None else model.teacher(x)
-            total += float(stfpm_loss(t, model.student(x))) * len(idx)
+            total += float(stfpm_loss(t, model.student(x), metric=model.metric)) * len(idx)
             count += len(idx)
     return total / count
 

@@ -153,3 +153,27 @@ def test_synthetic_defects_change_only_the_chosen_images_inside_small_blobs():
     half = synthetic_defects(x, 0.5, torch.Generator().manual_seed(1))
     n_changed = int((half != x).flatten(1).any(dim=1).sum())
     assert 2 <= n_changed <= 14
+
+
+def test_a_standardised_teacher_makes_the_map_the_mean_squared_difference():
+    from stfpm_edge.backbones import create_features
+    from stfpm_edge.model import STFPM, FeatureNorm, squared_distance
+
+    t = torch.tensor([[[[3.0]], [[4.0]]]])  # one position, two channels
+    s = torch.tensor([[[[1.0]], [[0.0]]]])
+    assert squared_distance(t, s).item() == pytest.approx((4.0 + 16.0) / 2)
+    assert squared_distance(t, 10 * t).item() == pytest.approx(81 * 25 / 2)  # unlike the cosine, scale counts
+    torch.manual_seed(0)
+    teacher = create_features("tf_efficientnet_lite0").eval()
+    chans = list(teacher.feature_info.channels())
+    norm = FeatureNorm(teacher, [torch.randn(c) for c in chans], [torch.rand(c) + 0.5 for c in chans])
+    pair = STFPM("tf_efficientnet_lite0", norm, create_features("tf_efficientnet_lite0")).eval()
+    assert pair.metric == "l2" and STFPM("tf_efficientnet_lite0", teacher, pair.student).metric == "cosine"
+    frames = torch.randint(0, 255, (1, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        amap, _ = pair(frames)
+        x = pair.normalize(frames)
+        raw = teacher(x)
+        t_std = [(f - getattr(norm, f"mean{k}")) * getattr(norm, f"inv_std{k}") for k, f in enumerate(raw)]
+        by_hand = anomaly_map(t_std, pair.student(x), (64, 64), "l2")
+    assert torch.allclose(amap, by_hand, rtol=1e-5, atol=1e-6)

@@ -138,6 +138,8 @@ def test_a_student_must_have_the_teachers_widths_and_a_memory_has_no_student(syn
         STFPM.build("tf_efficientnet_lite0", pretrained=False, student_backbone="tf_efficientnet_lite2")
     with pytest.raises(StfpmError, match="student_backbone applies to a student"):
         _cfg(synthetic_mvtec, tmp_path, reference="memory", student_backbone="tf_efficientnet_lite1")
+    with pytest.raises(StfpmError, match="feature_norm applies to a student"):
+        _cfg(synthetic_mvtec, tmp_path, reference="memory", feature_norm="channel")
 
 
 def test_channel_stats_are_the_per_channel_mean_and_floored_spread():
