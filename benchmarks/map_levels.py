@@ -63,7 +63,7 @@ def main() -> None:
 
 def level_maps(model, images, geo, pools: list[int]) -> list[np.ndarray]:
     """Per level, the smoothed, upsampled distance map of every image [N, H, W]."""
-    from stfpm_edge.model import METRICS, blur_map, gaussian_kernel
+    from stfpm_edge.model import METRICS, blur_map, combine_levels, gaussian_kernel
 
     kernel = gaussian_kernel(model.post.blur_sigma) if model.post.blur_sigma > 0 else None
     levels: list[list[np.ndarray]] = []
@@ -73,7 +73,7 @@ def level_maps(model, images, geo, pools: list[int]) -> list[np.ndarray]:
             for k, (a, b) in enumerate(zip(t, s)):
                 if k < len(pools) and pools[k] > 1:
                     a, b = F.avg_pool2d(a, pools[k]), F.avg_pool2d(b, pools[k])
-                d = F.interpolate(METRICS[model.metric](a.float(), b.float()), size=(geo.height, geo.width), mode="bilinear", align_corners=False)
+                d = combine_levels([METRICS[model.metric](a.float(), b.float())], (geo.height, geo.width))  # one level: the model's upsampling
                 if kernel is not None:
                     d = blur_map(d, kernel)
                 if len(levels) <= k:

@@ -117,10 +117,9 @@ class FeatureNorm(nn.Module):
     """A feature pyramid whose every level is standardised per channel with good-image statistics.
 
     ``(f - mean) / std`` per channel and level, the statistics taken from the teacher's features of
-    the good training images (``channel_stats``). Without it the paper's cosine distance sees mostly
-    the features' common direction (post-activation features share a large mean), so a position
-    that differs in a few channels moves the distance little; standardised, every channel's spread
-    counts alike. One subtract and multiply per feature, inside the exported graph.
+    the good training images (``channel_stats``): every channel's spread on good images counts
+    alike, where raw features let the few channels with large values dominate. One subtract and
+    multiply per feature, inside the exported graph.
     Standardised levels are compared by ``metric`` l2, the mean squared difference (EfficientAD's):
     a feature near the good mean is near zero once standardised, and the cosine of a near-zero
     vector is noise (measured on screw, cosine on standardised levels: image AUROC 0.086, the

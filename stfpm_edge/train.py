@@ -56,9 +56,7 @@ class TeacherCache:
         self.device = next(model.parameters()).device
         self.levels: list = []
         with torch.inference_mode():
-            for i in range(0, len(images), batch_size):
-                x = model.normalize(torch.from_numpy(images[i : i + batch_size]).to(self.device))
-                feats = model.teacher(x)
+            for feats in teacher_batches(model, images, batch_size):
                 if not self.levels:
                     self.levels = [store.records(f"{name}-teacher{k}", f.shape[1:], np.float32) for k, f in enumerate(feats)]
                 for rec, f in zip(self.levels, feats):
@@ -69,12 +67,17 @@ class TeacherCache:
         return [torch.from_numpy(rec[rows]).to(self.device) for rec in self.levels]
 
 
+def teacher_batches(model: STFPM, images, batch_size: int):
+    """The teacher's feature levels of these images, batch by batch in order (the caller sets the grad mode)."""
+    device = next(model.parameters()).device
+    for i in range(0, len(images), batch_size):
+        yield model.teacher(model.normalize(torch.from_numpy(images[i : i + batch_size]).to(device)))
+
+
 def teacher_stats(model: STFPM, images, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per level, the channel means and spreads of the teacher's features of these (unaugmented) images."""
-    device = next(model.parameters()).device
     with torch.inference_mode():
-        return channel_stats(model.teacher(model.normalize(torch.from_numpy(images[i : i + batch_size]).to(device)))
-                             for i in range(0, len(images), batch_size))
+        return channel_stats(teacher_batches(model, images, batch_size))
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator | None):
@@ -252,7 +255,7 @@ def _prepare(cfg: TrainConfig, resume: bool, progress: bool, store: TrainingStor
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model = STFPM.build(cfg.backbone, cfg.teacher_weights, layers=layers, post=post, student_backbone=cfg.student_backbone or None).to(device)
-    if cfg.feature_norm == "channel":  # before anything reads the teacher: the cache, the student's targets and the bank see standardised levels
+    if cfg.feature_norm == "channel":  # before anything reads the teacher: the cache and the student's targets see standardised levels
         model.teacher = FeatureNorm(model.teacher, *teacher_stats(model, train_imgs, cfg.batch_size))
     use_cache = cfg.cache_teacher and cfg.augment == "none" and cfg.reference == "student"
     cache_train = TeacherCache(model, train_imgs, cfg.batch_size, store, "train") if use_cache else None
