@@ -65,6 +65,11 @@ VARIANTS: dict[str, dict] = {
     "norm-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, feature_norm="channel"),
     "norm-hard-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, feature_norm="channel", hard_fraction=0.1),
     "norm-hard-e100": dict(reference="student", epochs=100, augment="rotate", blur_sigma=4.0, feature_norm="channel", hard_fraction=0.1),
+    # the standardised student's map from its deepest level alone (README "The student, reproduced")
+    "norm-hard-deep-e200": dict(reference="student", epochs=200, augment="rotate", blur_sigma=4.0, feature_norm="channel", hard_fraction=0.1,
+                                level_weights="0,0,1"),
+    "norm-hard-deep-e60": dict(reference="student", epochs=60, augment="rotate", blur_sigma=4.0, feature_norm="channel", hard_fraction=0.1,
+                               level_weights="0,0,1"),
     "lite1s-hard-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, hard_fraction=0.1, student_backbone="tf_efficientnet_lite1"),
     "lite1s-norm-hard-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, hard_fraction=0.1, feature_norm="channel",
                                  student_backbone="tf_efficientnet_lite1"),
@@ -77,9 +82,11 @@ VARIANTS: dict[str, dict] = {
     "memory-16k-s384": dict(reference="memory", memory_pool="1", bank_size=16384, blur_sigma=4.0, height=384, width=384, batch_size=16),
 }
 
-# post-processing suffixes: "+blur4" (Gaussian sigma 4 px), "+top1pct" (mean of the top 1% of pixels)
+# post-processing suffixes: "+blur4" (Gaussian sigma 4 px), "+top1pct" (mean of the top 1% of pixels), "+deep" (a three-level
+# model's map from its deepest level alone), "+w025" (its two finer levels at exponent 0.25); a suffix changes only what it names
 POSTS = {"blur0": dict(blur_sigma=0.0), "blur1": dict(blur_sigma=1.0), "blur2": dict(blur_sigma=2.0), "blur4": dict(blur_sigma=4.0), "blur8": dict(blur_sigma=8.0),
-         "top01pct": dict(topk_fraction=0.001), "top1pct": dict(topk_fraction=0.01)}
+         "top01pct": dict(topk_fraction=0.001), "top1pct": dict(topk_fraction=0.01),
+         "deep": dict(level_weights=(0.0, 0.0, 1.0)), "w025": dict(level_weights=(0.25, 0.25, 1.0)), "w1": dict(level_weights=())}
 
 COLUMNS = ("image_auroc", "pixel_auroc", "pixel_f1", "aupro", "image_f1", "false_alarm_rate")
 
@@ -135,7 +142,7 @@ def post_variant(data: Path, out_root: Path, name: str, variants: dict[str, dict
         return json.loads(out.read_text())
     trained = train_variant(data, out_root, base, variants)
     model, meta = load_checkpoint(Path(trained["model"]))
-    kw: dict = {}
+    kw = model.post.to_dict()
     for p in posts:
         kw.update(POSTS[p])
     model.set_post(MapPost(**kw))

@@ -94,6 +94,8 @@ def train(
     layers: Optional[str] = typer.Option(None, help="feature levels to match, e.g. 1,2,3 (strides 4, 8, 16) [default: the backbone's]"),
     blur_sigma: Optional[float] = typer.Option(None, "--blur-sigma", help="Gaussian smoothing of the anomaly map, in model pixels; inside the exported graph; 0 = the raw map [default: 4]"),
     topk_fraction: Optional[float] = typer.Option(None, "--topk-fraction", help="image score = mean of this fraction of the top map pixels (0 = max) [default: 0]"),
+    level_weights: Optional[str] = typer.Option(None, "--level-weights", help="one exponent per feature level in the map's product of "
+                                                "level distances, e.g. 0,0,1 = the deepest level alone (a student still learns every level) [default: all 1]"),
     calib_fraction: Optional[float] = typer.Option(None, "--calib-fraction", help="share of good images held out to set the threshold only (0 = the validation split sets it) [default: 0.1]"),
     select: Optional[str] = typer.Option(None, help="checkpoint: best (lowest validation loss) or last epoch [default: best]"),
     amp: Optional[str] = typer.Option(None, help="mixed precision: off, bf16 (CPU), fp16 (CUDA), auto [default: off]"),
@@ -136,7 +138,7 @@ def train(
         momentum=momentum, weight_decay=weight_decay, backbone=backbone,
         teacher_weights=str(teacher_weights) if teacher_weights else None, height=h, width=w, resize=resize,
         val_fraction=val_fraction, threshold_quantile=threshold_quantile, augment=augment, cache_teacher=cache_teacher,
-        layers=layers, blur_sigma=blur_sigma, topk_fraction=topk_fraction, calib_fraction=calib_fraction, select=select, amp=amp,
+        layers=layers, blur_sigma=blur_sigma, topk_fraction=topk_fraction, level_weights=level_weights, calib_fraction=calib_fraction, select=select, amp=amp,
         lr_schedule=lr_schedule, hard_fraction=hard_fraction, synthetic=synthetic, feature_norm=feature_norm, student_backbone=student_backbone,
         reference=reference, bank_size=bank_size, memory_pool=memory_pool, memory_aggregate=memory_aggregate, seed=seed, threads=threads, device=device, overlays=overlays), stored=stored)
     if cfg.reference == "memory" and epochs is not None:

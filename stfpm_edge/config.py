@@ -34,6 +34,7 @@ class TrainConfig:
     amp: str = "off"  # off, bf16 (CPU autocast), fp16 (CUDA autocast), auto (bf16/fp16 where the device has it)
     blur_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, model-input pixels (0 = the paper's raw map)
     topk_fraction: float = 0.0  # image score = mean of this fraction of the top map pixels; 0 = max
+    level_weights: str = ""  # one exponent per level in the map's product, e.g. "0,0,1" (the deepest level alone); empty = all 1 (the paper)
     cache_teacher: bool = True
     # student levers (issue 17; the paper: constant, 0, 0): README "The student"
     lr_schedule: str = "constant"  # constant (the paper) or cosine (decays to 0 over the epochs)
@@ -72,7 +73,7 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         raise StfpmError(f"config: {name} must be a whole number, got {value!r}")
     if name == "augment" and isinstance(value, bool):  # older configs: augment: true meant flips
         return "flip" if value else "none"
-    if name == "layers" and isinstance(value, (list, tuple)):
+    if name in ("layers", "level_weights") and isinstance(value, (list, tuple)):
         value = ",".join(str(v) for v in value)
     if kind is bool:
         if isinstance(value, bool):
@@ -145,6 +146,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise StfpmError("epochs and batch size must be at least 1")
     parse_counts("bank_size", cfg.bank_size)
+    parse_weights(cfg.level_weights)
     if cfg.memory_pool != "auto":
         parse_counts("memory_pool", cfg.memory_pool)
     if cfg.memory_aggregate < 1 or cfg.memory_aggregate % 2 == 0:
@@ -182,6 +184,14 @@ def parse_layers(text: str) -> tuple[int, ...] | None:
         return tuple(int(v) for v in str(text).split(",") if v.strip())
     except ValueError:
         raise StfpmError(f"layers must be comma-separated level indices such as 1,2,3, got {text!r}") from None
+
+
+def parse_weights(text: str) -> tuple[float, ...]:
+    """"0,0,1" -> (0.0, 0.0, 1.0); "" -> () (every level weighs 1). Ranges are checked by ``MapPost``."""
+    try:
+        return tuple(float(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise StfpmError(f"level weights must be comma-separated numbers, one per feature level, such as 0,0,1; got {text!r}") from None
 
 
 def parse_counts(name: str, text: str) -> tuple[int, ...]:

@@ -51,16 +51,30 @@ def stfpm_loss(t_feats: Sequence[torch.Tensor], s_feats: Sequence[torch.Tensor],
     return total
 
 
-def anomaly_map(t_feats: Sequence[torch.Tensor], s_feats: Sequence[torch.Tensor], size: tuple[int, int], metric: str = "cosine") -> torch.Tensor:
+def anomaly_map(t_feats: Sequence[torch.Tensor], s_feats: Sequence[torch.Tensor], size: tuple[int, int], metric: str = "cosine",
+                weights: Sequence[float] = ()) -> torch.Tensor:
     """Each level's teacher-student distance (``metric``), combined by ``combine_levels``."""
-    return combine_levels([METRICS[metric](t, s) for t, s in zip(t_feats, s_feats)], size)
+    keep = range(len(t_feats)) if not weights else [k for k, w in enumerate(weights) if w > 0]
+    chosen = [weights[k] for k in keep] if weights else ()
+    return combine_levels([METRICS[metric](t_feats[k], s_feats[k]) for k in keep], size, chosen)
 
 
-def combine_levels(distances: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-    """Per-level distance maps [N, 1, h, w] upsampled (bilinear, align_corners=False) to ``size``; levels multiplied."""
+def combine_levels(distances: Sequence[torch.Tensor], size: tuple[int, int], weights: Sequence[float] = ()) -> torch.Tensor:
+    """Per-level distance maps [N, 1, h, w] upsampled (bilinear, align_corners=False) to ``size``; levels multiplied.
+
+    ``weights``: one exponent per level (``MapPost.level_weights``): the map is the product of
+    d_k ** w_k; a level of weight 0 is left out (its distance is not computed at all). () = all 1.
+    """
+    if weights and len(weights) != len(distances):
+        raise StfpmError(f"{len(weights)} level weights for {len(distances)} feature levels")
     amap = None
-    for d in distances:
+    for k, d in enumerate(distances):
+        w = weights[k] if weights else 1.0
+        if w == 0:
+            continue
         d = F.interpolate(d, size=size, mode="bilinear", align_corners=False)
+        if w != 1:
+            d = d.clamp_min(0).pow(w)
         amap = d if amap is None else amap * d
     return amap
 
@@ -248,14 +262,20 @@ class MapPost:
 
     ``blur_sigma``: Gaussian smoothing in model-input pixels (0 = none), normalised at the borders
     so that a flat map stays flat. ``topk_fraction``: the image score is the mean of this fraction
-    of the map's largest pixels (0 = the single maximum, the paper's rule). Both run inside
+    of the map's largest pixels (0 = the single maximum, the paper's rule). ``level_weights``: one
+    exponent per feature level in the product of the levels' distances (() = all 1, the paper's
+    product; 0 leaves a level out of the map, though a student still learns it). All run inside
     ``STFPM.forward``, so evaluation and every exported engine apply them identically.
     """
 
     blur_sigma: float = 0.0
     topk_fraction: float = 0.0
+    level_weights: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "level_weights", tuple(float(w) for w in self.level_weights))  # a checkpoint's JSON list
+        if self.level_weights and (any(not 0.0 <= w <= 8.0 for w in self.level_weights) or not any(self.level_weights)):
+            raise StfpmError(f"level weights must be between 0 and 8 with at least one above 0, got {list(self.level_weights)}")
         if not (0.0 <= self.blur_sigma <= 64.0):
             raise StfpmError(f"map blur sigma must be between 0 and 64 pixels, got {self.blur_sigma}")
         if not (0.0 <= self.topk_fraction < 1.0):
@@ -267,7 +287,9 @@ class MapPost:
         return 1 if self.topk_fraction <= 0 else max(1, min(3840, round(self.topk_fraction * int(height) * int(width))))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["level_weights"] = list(self.level_weights)
+        return d
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
@@ -320,7 +342,11 @@ class STFPM(nn.Module):
         return getattr(self.teacher, "metric", "cosine")
 
     def set_post(self, post: MapPost) -> None:
-        """Change the map post-processing (smoothing, score aggregation) in place."""
+        """Change the map post-processing (smoothing, level weights, score aggregation) in place."""
+        levels = len(self.teacher.feature_info.channels())
+        if post.level_weights and len(post.level_weights) != levels:
+            raise StfpmError(f"{len(post.level_weights)} level weights ({','.join(f'{w:g}' for w in post.level_weights)}) for a model of "
+                             f"{levels} feature levels; give one per level")
         self.post = post
         kernel = gaussian_kernel(post.blur_sigma) if post.blur_sigma > 0 else torch.zeros(0)
         self.register_buffer("blur_kernel", kernel, persistent=False)
@@ -365,12 +391,12 @@ class STFPM(nn.Module):
         if isinstance(self.student, MemoryBank):  # the nearest good feature in the student's place (FP32 bank)
             with torch.no_grad():
                 t = [f.float() for f in self.teacher(x_in)]
-            amap = combine_levels(self.student.distances(t), (x.shape[-2], x.shape[-1]))
+            amap = combine_levels(self.student.distances(t), (x.shape[-2], x.shape[-1]), self.post.level_weights)
         else:
             t, s = self.features(x_in)
             if dtype != torch.float32:
                 t, s = [f.float() for f in t], [f.float() for f in s]
-            amap = anomaly_map(t, s, (x.shape[-2], x.shape[-1]), self.metric)
+            amap = anomaly_map(t, s, (x.shape[-2], x.shape[-1]), self.metric, self.post.level_weights)
         if self.blur_kernel.numel():
             amap = blur_map(amap, self.blur_kernel)
         return amap, image_score(amap, self.post.topk(x.shape[-2], x.shape[-1]))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from . import __version__
 from .backbones import spec
 from .checkpoint import atomic_torch_save, save_checkpoint
-from .config import TrainConfig, parse_counts, parse_layers, per_level
+from .config import TrainConfig, parse_counts, parse_layers, parse_weights, per_level
 from .datasets import check_test_set, discover, heldout_splits
 from .errors import StfpmError
 from .evaluate import evaluate, predict, write_outputs
@@ -244,7 +244,7 @@ def _prepare(cfg: TrainConfig, resume: bool, progress: bool, store: TrainingStor
     if resume and not (run_dir / LAST).is_file() and (run_dir / MODEL).is_file():
         raise StfpmError(f"{run_dir}: nothing to resume, this run finished ({MODEL} is there); choose another --out to train again")
     splits = heldout_splits(dataset.train, cfg.val_fraction, cfg.calib_fraction, cfg.seed)
-    post = MapPost(cfg.blur_sigma, cfg.topk_fraction)
+    post = MapPost(cfg.blur_sigma, cfg.topk_fraction, parse_weights(cfg.level_weights))
     layers = parse_layers(cfg.layers)
     # decode everything up front: a bad file fails here, before anything is written
     train_imgs = store.images("train", splits[0], geometry, progress, "train images")

@@ -91,19 +91,20 @@ def test_fp16_variant_keeps_head_in_fp32(exported, tmp_path, synthetic_mvtec):
     assert 0 < e["max_abs_map_diff"] < 0.05 * report["map_range"][1]  # FP16 rounding, not a different model
 
 
-def test_blur_and_topk_are_inside_the_graph(tiny_run, synthetic_mvtec, tmp_path):
+def test_blur_topk_and_level_weights_are_inside_the_graph(tiny_run, synthetic_mvtec, tmp_path):
     """Post-processing lives in the model, so the exported graph reproduces it (deploy = evaluation)."""
     from stfpm_edge.checkpoint import load_checkpoint, save_checkpoint
     from stfpm_edge.export.onnx_export import export_verified
 
     run_dir, _ = tiny_run
     model, meta = load_checkpoint(run_dir / "model.pt")
-    meta["map_post"] = {"blur_sigma": 3.0, "topk_fraction": 0.01}
+    levels = len(meta["layers"])
+    meta["map_post"] = {"blur_sigma": 3.0, "topk_fraction": 0.01, "level_weights": [0.5] * (levels - 1) + [1.0]}
     save_checkpoint(tmp_path / "post.pt", model, meta)
     _, report = export_verified(tmp_path / "post.pt", tmp_path / "post.onnx", data=synthetic_mvtec, progress=False)
     assert report["parity_ok"]
     ops = {n.op_type for n in onnx.load(str(tmp_path / "post.onnx")).graph.node}
-    assert "TopK" in ops
+    assert "TopK" in ops and "Pow" in ops
 
 
 def test_failed_verification_never_replaces_a_verified_model(exported, tiny_run, synthetic_mvtec, tmp_path, monkeypatch):

@@ -55,6 +55,32 @@ def test_anomaly_map_upsamples_bilinearly_and_multiplies_levels():
     expected = np.array([a, 0.75 * a + 0.25 * b, 0.25 * a + 0.75 * b, b]) * 0.4
     np.testing.assert_allclose(amap.numpy().ravel(), expected, rtol=1e-6)
     assert image_score(amap).item() == pytest.approx(expected.max(), rel=1e-6)
+    # level weights are exponents in the product: d1 ** 0.5 * d2 ** 2; a weight of 0 leaves the level out
+    halves = anomaly_map([t1, t2], [s1, s2], (1, 4), weights=(0.5, 2.0))
+    np.testing.assert_allclose(halves.numpy().ravel(), np.sqrt(expected / 0.4) * 0.4**2, rtol=1e-6)
+    deep = anomaly_map([t1, t2], [s1, s2], (1, 4), weights=(0.0, 1.0))
+    np.testing.assert_allclose(deep.numpy().ravel(), [0.4] * 4, rtol=1e-6)
+
+
+def test_level_weights_are_checked_against_the_models_levels():
+    from stfpm_edge.errors import StfpmError
+    from stfpm_edge.model import MapPost
+
+    assert MapPost(level_weights=[0, 1]).level_weights == (0.0, 1.0)  # a checkpoint's JSON list
+    assert MapPost(level_weights=[0, 1]).to_dict()["level_weights"] == [0.0, 1.0]
+    for bad in ((0.0, 0.0), (-1.0, 1.0)):
+        with pytest.raises(StfpmError, match="level weights"):
+            MapPost(level_weights=bad)
+    model = STFPM.build("tf_efficientnet_lite0", pretrained=False, layers=(1, 2))
+    with pytest.raises(StfpmError, match="3 level weights .* 2 feature levels"):
+        model.set_post(MapPost(level_weights=(1, 1, 1)))
+    model.set_post(MapPost(level_weights=(0, 1)))
+    frames = torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        amap, _ = model.eval()(frames)
+        t, s = model.features(model.normalize(frames))
+    # the deepest level alone, upsampled
+    np.testing.assert_allclose(amap.numpy(), anomaly_map(t[1:], s[1:], (64, 64)).numpy(), rtol=1e-5)
 
 
 def test_normalize_converts_bgr_uint8_to_normalised_rgb():

@@ -217,16 +217,19 @@ def test_old_configs_with_boolean_augment_still_load(synthetic_mvtec, tmp_path):
         load_config(None, dict(data=str(synthetic_mvtec), augment="twirl"))
     with pytest.raises(StfpmError, match="must leave images to train on"):
         load_config(None, dict(data=str(synthetic_mvtec), val_fraction=0.5, calib_fraction=0.5))
+    with pytest.raises(StfpmError, match="level weights must be comma-separated numbers"):
+        load_config(None, dict(data=str(synthetic_mvtec), level_weights="0,x,1"))
 
 
 def test_levers_train_and_travel_in_the_checkpoint(synthetic_mvtec, tmp_path):
     """Rotation, bf16, a calibration split, other levels, a blurred map and a top-k score: trained,
     stored, and reloaded into the same model."""
     cfg = _cfg(synthetic_mvtec, tmp_path / "levers", epochs=1, augment="rotate", amp="bf16", calib_fraction=0.25,
-               layers="1,2", blur_sigma=2.0, topk_fraction=0.01)
+               layers="1,2", blur_sigma=2.0, topk_fraction=0.01, level_weights="0.5,1")
     run_dir, m = train(cfg, progress=False)
     model, meta = load_checkpoint(run_dir / "model.pt")
-    assert meta["layers"] == [1, 2] and meta["map_post"] == {"blur_sigma": 2.0, "topk_fraction": 0.01}
+    assert meta["layers"] == [1, 2] and meta["map_post"] == {"blur_sigma": 2.0, "topk_fraction": 0.01, "level_weights": [0.5, 1.0]}
+    assert model.post.level_weights == (0.5, 1.0)
     assert meta["dataset"]["n_calib"] == 4 and "calibration split" in meta["threshold"]["rule"]
     assert len(model.teacher.feature_info.channels()) == 2 and model.post.topk(64, 64) == 41
     assert m["false_alarm_rate"] is not None and 0.0 <= m["false_alarm_rate"] <= 1.0
