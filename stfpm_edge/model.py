@@ -313,6 +313,13 @@ def blur_map(amap: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return sep(amap) / sep(torch.ones_like(amap[:1]))
 
 
+def check_level_count(post: MapPost, levels: int) -> None:
+    """``post``'s level weights (if any) must be one per feature level of the model they apply to."""
+    if post.level_weights and len(post.level_weights) != levels:
+        raise StfpmError(f"{len(post.level_weights)} level weights ({','.join(f'{w:g}' for w in post.level_weights)}) for a model of "
+                         f"{levels} feature levels; give one per level")
+
+
 class STFPM(nn.Module):
     """Teacher + student. ``forward`` takes uint8 BGR frames [N, H, W, 3] at model size.
 
@@ -343,10 +350,7 @@ class STFPM(nn.Module):
 
     def set_post(self, post: MapPost) -> None:
         """Change the map post-processing (smoothing, level weights, score aggregation) in place."""
-        levels = len(self.teacher.feature_info.channels())
-        if post.level_weights and len(post.level_weights) != levels:
-            raise StfpmError(f"{len(post.level_weights)} level weights ({','.join(f'{w:g}' for w in post.level_weights)}) for a model of "
-                             f"{levels} feature levels; give one per level")
+        check_level_count(post, len(self.teacher.feature_info.channels()))
         self.post = post
         kernel = gaussian_kernel(post.blur_sigma) if post.blur_sigma > 0 else torch.zeros(0)
         self.register_buffer("blur_kernel", kernel, persistent=False)

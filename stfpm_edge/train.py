@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .backbones import spec
+from .backbones import resolve_layers, spec
 from .checkpoint import atomic_torch_save, save_checkpoint
 from .config import TrainConfig, parse_counts, parse_layers, parse_weights, per_level
 from .datasets import check_test_set, discover, heldout_splits
@@ -22,7 +22,7 @@ from .errors import StfpmError
 from .evaluate import evaluate, predict, write_outputs
 from .fileio import atomic_write_json, sha256_file
 from .geometry import Geometry
-from .model import STFPM, FeatureNorm, MapPost, MemoryBank, MemorySearch, channel_stats, greedy_coreset, memory_rows, stfpm_loss
+from .model import STFPM, FeatureNorm, MapPost, MemoryBank, MemorySearch, channel_stats, check_level_count, greedy_coreset, memory_rows, stfpm_loss
 from .store import TrainingStore
 from .thresholds import normal_statistics, threshold_from_normal
 
@@ -246,6 +246,7 @@ def _prepare(cfg: TrainConfig, resume: bool, progress: bool, store: TrainingStor
     splits = heldout_splits(dataset.train, cfg.val_fraction, cfg.calib_fraction, cfg.seed)
     post = MapPost(cfg.blur_sigma, cfg.topk_fraction, parse_weights(cfg.level_weights))
     layers = parse_layers(cfg.layers)
+    check_level_count(post, len(resolve_layers(cfg.backbone, layers)))  # a mismatch fails before the images are decoded
     # decode everything up front: a bad file fails here, before anything is written
     train_imgs = store.images("train", splits[0], geometry, progress, "train images")
     val_imgs = store.images("val", splits[1], geometry, progress, "validation images")

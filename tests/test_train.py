@@ -235,6 +235,19 @@ def test_levers_train_and_travel_in_the_checkpoint(synthetic_mvtec, tmp_path):
     assert m["false_alarm_rate"] is not None and 0.0 <= m["false_alarm_rate"] <= 1.0
 
 
+def test_a_level_weight_count_mismatch_fails_before_any_image_is_decoded(synthetic_mvtec, tmp_path, monkeypatch):
+    from stfpm_edge.store import TrainingStore
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("images were decoded before the level weights were checked")
+
+    monkeypatch.setattr(TrainingStore, "images", no_decoding)
+    cfg = _cfg(synthetic_mvtec, tmp_path / "mismatch", epochs=1, layers="1,2", level_weights="0,0,1")
+    with pytest.raises(StfpmError, match="3 level weights .* 2 feature levels"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "mismatch").exists()
+
+
 def test_memory_reference_trains_without_epochs_exports_at_parity_and_reloads(synthetic_mvtec, tmp_path):
     from typer.testing import CliRunner
 
