@@ -82,6 +82,10 @@ VARIANTS: dict[str, dict] = {
     "memory-16k-s384": dict(reference="memory", memory_pool="1", bank_size=16384, blur_sigma=4.0, height=384, width=384, batch_size=16),
 }
 
+# a student row is measured with the paper's levers unless it names its own: the rows were measured before a student's defaults
+# took the hard-feature loss, standardised features and weighted levels (config.STUDENT_DEFAULTS); "defaults" is today's defaults
+PAPER_LEVERS = dict(hard_fraction=0.0, feature_norm="none", level_weights="")
+
 # post-processing suffixes: "+blur4" (Gaussian sigma 4 px), "+top1pct" (mean of the top 1% of pixels), "+deep" (a three-level
 # model's map from its deepest level alone), "+w025" (its two finer levels at exponent 0.25); a suffix changes only what it names
 POSTS = {"blur0": dict(blur_sigma=0.0), "blur1": dict(blur_sigma=1.0), "blur2": dict(blur_sigma=2.0), "blur4": dict(blur_sigma=4.0), "blur8": dict(blur_sigma=8.0),
@@ -115,7 +119,9 @@ def train_variant(data: Path, out_root: Path, name: str, variants: dict[str, dic
     run = out_root / f"{data.name}-{name}"
     metrics_file = run / "metrics.json"
     if not metrics_file.is_file():
-        overrides = {"overlays": 6, **(variants or VARIANTS)[name]}
+        variant = (variants or VARIANTS)[name]
+        pinned = PAPER_LEVERS if variant.get("reference") == "student" and name != "defaults" else {}
+        overrides = {"overlays": 6, **pinned, **variant}
         cfg = load_config(None, dict(data=str(data), out=str(run), **overrides))
         train(cfg, resume=(run / "last.pt").is_file(), progress=True)
     record = json.loads(metrics_file.read_text())

@@ -95,20 +95,21 @@ def train(
     blur_sigma: Optional[float] = typer.Option(None, "--blur-sigma", help="Gaussian smoothing of the anomaly map, in model pixels; inside the exported graph; 0 = the raw map [default: 4]"),
     topk_fraction: Optional[float] = typer.Option(None, "--topk-fraction", help="image score = mean of this fraction of the top map pixels (0 = max) [default: 0]"),
     level_weights: Optional[str] = typer.Option(None, "--level-weights", help="one exponent per feature level in the map's product of "
-                                                "level distances, e.g. 0,0,1 = the deepest level alone (a student still learns every level) [default: all 1]"),
+                                                "level distances, e.g. 0,0,1 = the deepest level alone (a student still learns every level); \"\" = all 1 (the paper) "
+                                                "[default: a student's finer levels 0.25 and its deepest 1; a memory's all 1]"),
     calib_fraction: Optional[float] = typer.Option(None, "--calib-fraction", help="share of good images held out to set the threshold only (0 = the validation split sets it) [default: 0.1]"),
     select: Optional[str] = typer.Option(None, help="checkpoint: best (lowest validation loss) or last epoch [default: best]"),
     amp: Optional[str] = typer.Option(None, help="mixed precision: off, bf16 (CPU), fp16 (CUDA), auto [default: off]"),
     cache_teacher: Optional[bool] = typer.Option(None, "--cache-teacher/--no-cache-teacher", help="compute the frozen teacher once per image [default: on]"),
     lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="student: constant (the paper) or cosine (decays to 0 over --epochs) [default: constant]"),
-    hard_fraction: Optional[float] = typer.Option(None, "--hard-fraction", help="student: only this share of positions with the largest distances trains it (0 = all, the paper) [default: 0]"),
+    hard_fraction: Optional[float] = typer.Option(None, "--hard-fraction", help="student: only this share of positions with the largest distances trains it (0 = all, the paper) [default: 0.1]"),
     synthetic: Optional[float] = typer.Option(None, "--synthetic", help="student: share of each batch given a synthetic defect, where it must answer the teacher's features "
                                               "of the clean image (0 = none, the paper) [default: 0]"),
     student_backbone: Optional[str] = typer.Option(None, "--student-backbone", help="student: its network, random weights; it must give the teacher's level "
                                                    "widths (a tf_efficientnet_lite1 student is a deeper one for the lite0 teacher) [default: the teacher's]"),
     feature_norm: Optional[str] = typer.Option(None, "--feature-norm", help="student: none (the paper) or channel: the teacher's features standardised per "
                                                "channel with statistics of the good training images and compared by their mean squared difference "
-                                               "(EfficientAD), inside the exported graph [default: none]"),
+                                               "(EfficientAD), inside the exported graph [default: channel]"),
     reference: Optional[str] = typer.Option(None, help="what the teacher is compared with: student (the paper: a network trained for --epochs) or "
                                             "memory (a coreset of the teacher's own features of the good images: no epochs, more inference work; "
                                             "see README 'Hard parts') [default: memory]"),

@@ -36,7 +36,8 @@ class TrainConfig:
     topk_fraction: float = 0.0  # image score = mean of this fraction of the top map pixels; 0 = max
     level_weights: str = ""  # one exponent per level in the map's product, e.g. "0,0,1" (the deepest level alone); empty = all 1 (the paper)
     cache_teacher: bool = True
-    # student levers (issue 17; the paper: constant, 0, 0): README "The student"
+    # student levers (issue 17; the paper: constant, 0, 0, none, every level 1): README "The student, reproduced". A student
+    # that is not told otherwise gets STUDENT_DEFAULTS (what won on screw and bottle); the defaults here are the memory's
     lr_schedule: str = "constant"  # constant (the paper) or cosine (decays to 0 over the epochs)
     hard_fraction: float = 0.0  # > 0: only this fraction of positions with the largest distances trains the student (EfficientAD)
     synthetic: float = 0.0  # share of each batch given a synthetic defect; the student must answer the teacher's features of the clean image
@@ -61,6 +62,17 @@ class TrainConfig:
 
 
 REFERENCES = ("student", "memory")
+
+# A student's settings where none is given (flag, file or a resumed run's own config): the hard-feature loss and
+# standardised features, and a map whose finer levels weigh STUDENT_FINE_WEIGHT against the deepest level's 1
+# (README "The student, reproduced": screw 0.920 / 0.990, bottle 1.000 / 0.985). configs/paper.yaml sets the paper's.
+STUDENT_DEFAULTS: dict[str, Any] = {"hard_fraction": 0.1, "feature_norm": "channel"}
+STUDENT_FINE_WEIGHT = 0.25
+
+
+def student_level_weights(levels: int) -> str:
+    """The student's default map weights for ``levels`` feature levels: the finer ones STUDENT_FINE_WEIGHT, the deepest 1."""
+    return ",".join([f"{STUDENT_FINE_WEIGHT:g}"] * (levels - 1) + ["1"])
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
@@ -110,6 +122,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, stored: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults, then ``stored`` (a resumed run's own config.json), then the YAML file, then flags.
 
+    A new student run (not resumed) takes STUDENT_DEFAULTS and ``student_level_weights`` for what none of them sets.
+
     When resuming, a file or flag that contradicts the stored value of a setting that shapes the
     model is an error naming both values.
     """
@@ -140,9 +154,17 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         values.update(loaded)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     defaults = TrainConfig()
+    # a resumed run keeps what it was trained with: a setting its config.json lacks predates these defaults (the paper's)
+    student = values.get("reference", defaults.reference) == "student" and not stored
+    if student:
+        values = {**STUDENT_DEFAULTS, **values}
     cfg = TrainConfig(**{k: _coerce(k, v, getattr(defaults, k)) for k, v in values.items()})
     if not cfg.data:
         raise StfpmError("no data set given: pass --data DIR (or data: in the --config file)")
+    if student and "level_weights" not in values:
+        from .backbones import resolve_layers
+
+        cfg.level_weights = student_level_weights(len(resolve_layers(cfg.backbone, parse_layers(cfg.layers))))
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise StfpmError("epochs and batch size must be at least 1")
     parse_counts("bank_size", cfg.bank_size)

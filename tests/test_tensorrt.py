@@ -143,7 +143,9 @@ def test_trtexec_equivalent_commands(variants):
     from stfpm_edge.engines.trt_build import trtexec_command
 
     weak = trtexec_command(variants / "model.onnx", "fp16", weak_typing=True)
-    assert "--fp16" in weak and "--precisionConstraints=obey" in weak and "/model/ReduceL2:fp32" in weak
+    assert "--fp16" in weak and "--precisionConstraints=obey" in weak
+    # the default student compares standardised features by their mean squared difference: that distance stays FP32
+    assert "/model/Sub:fp32" in weak and "/model/Pow:fp32" in weak and "/model/ReduceMean:fp32" in weak
     assert "/model/teacher/" not in weak and weak.endswith(":fp32")
     assert trtexec_command(variants / "model_int8.onnx", "int8", True).endswith("--saveEngine=model_int8.engine --int8")
     strong = trtexec_command(variants / "model_fp16.onnx", "fp16", weak_typing=False)

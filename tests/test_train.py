@@ -2,6 +2,7 @@
 
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -219,6 +220,24 @@ def test_old_configs_with_boolean_augment_still_load(synthetic_mvtec, tmp_path):
         load_config(None, dict(data=str(synthetic_mvtec), val_fraction=0.5, calib_fraction=0.5))
     with pytest.raises(StfpmError, match="level weights must be comma-separated numbers"):
         load_config(None, dict(data=str(synthetic_mvtec), level_weights="0,x,1"))
+
+
+def test_a_new_student_takes_the_winning_levers_and_a_resumed_or_paper_run_keeps_its_own(synthetic_mvtec):
+    data = str(synthetic_mvtec)
+    student = load_config(None, dict(data=data, reference="student"))
+    assert (student.hard_fraction, student.feature_norm, student.level_weights) == (0.1, "channel", "0.25,0.25,1")
+    assert load_config(None, dict(data=data, reference="student", layers="1,2")).level_weights == "0.25,1"  # one per level
+    assert load_config(None, dict(data=data, reference="student", layers="3")).level_weights == "1"
+    memory = load_config(None, dict(data=data))
+    assert (memory.hard_fraction, memory.feature_norm, memory.level_weights) == (0.0, "none", "")
+    given = load_config(None, dict(data=data, reference="student", hard_fraction=0.0, level_weights="0,0,1"))
+    assert (given.hard_fraction, given.feature_norm, given.level_weights) == (0.0, "channel", "0,0,1")
+    paper = load_config(Path(__file__).parents[1] / "configs" / "paper.yaml", dict(data=data))
+    assert (paper.reference, paper.hard_fraction, paper.feature_norm, paper.level_weights) == ("student", 0.0, "none", "")
+    # a run stored before these defaults lacks them: resumed, it keeps the paper's
+    old = {k: v for k, v in paper.to_dict().items() if k not in ("hard_fraction", "feature_norm", "level_weights")}
+    resumed = load_config(None, dict(data=data), stored=old)
+    assert (resumed.hard_fraction, resumed.feature_norm, resumed.level_weights) == (0.0, "none", "")
 
 
 def test_levers_train_and_travel_in_the_checkpoint(synthetic_mvtec, tmp_path):
