@@ -16,6 +16,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: their "[default: ...]" must print, not be read as a markup tag
     help="STFPM anomaly detection: train on good images, export one ONNX graph, run it on a camera.",
 )
 

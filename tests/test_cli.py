@@ -287,3 +287,11 @@ def test_summary_is_written_on_a_full_disk_into_the_space_reserved_at_the_start(
     summary = json.loads((out / "summary.json").read_text())  # whole JSON, the reservation's padding is whitespace
     assert summary["frames_read"] == summary["frames_inspected"] == 20 and summary["status"] == "finished"
     assert summary["summary_in_reserved_space"] is True and len(_records(out)) == 20
+
+
+def test_help_prints_the_defaults_it_states():
+    """The help texts end in "[default: ...]": printed as written, not swallowed as a markup tag."""
+    out = runner.invoke(app, ["train", "--help"], terminal_width=100).output
+    flat = " ".join(out.split())
+    assert "[default: 0.99]" in flat and "[default: memory]" in flat
+    assert "student: only this share of positions" in flat and "(0 = all, the paper) [default: 0.1]" in flat
