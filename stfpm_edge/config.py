@@ -63,9 +63,9 @@ class TrainConfig:
 
 REFERENCES = ("student", "memory")
 
-# A student's settings where none is given (flag, file or a resumed run's own config): the hard-feature loss and
-# standardised features, and a map whose finer levels weigh STUDENT_FINE_WEIGHT against the deepest level's 1
-# (README "The student, reproduced": screw 0.920 / 0.990, bottle 1.000 / 0.985). configs/paper.yaml sets the paper's.
+# A new student run's settings where neither a flag nor the --config file sets them (a resumed run keeps its own): the
+# hard-feature loss and standardised features, and a map whose finer levels weigh STUDENT_FINE_WEIGHT against the deepest
+# level's 1 (README "The student, reproduced": screw 0.88-0.92 / 0.989, bottle 1.000 / 0.985). configs/paper.yaml sets the paper's.
 STUDENT_DEFAULTS: dict[str, Any] = {"hard_fraction": 0.1, "feature_norm": "channel"}
 STUDENT_FINE_WEIGHT = 0.25
 
