@@ -82,10 +82,6 @@ VARIANTS: dict[str, dict] = {
     "memory-16k-s384": dict(reference="memory", memory_pool="1", bank_size=16384, blur_sigma=4.0, height=384, width=384, batch_size=16),
 }
 
-# a student row is measured with the paper's levers unless it names its own: the rows were measured before a student's defaults
-# took the hard-feature loss, standardised features and weighted levels (config.STUDENT_DEFAULTS); "defaults" is today's defaults
-PAPER_LEVERS = dict(hard_fraction=0.0, feature_norm="none", level_weights="")
-
 # post-processing suffixes: "+blur4" (Gaussian sigma 4 px), "+top1pct" (mean of the top 1% of pixels), "+deep" (a three-level
 # model's map from its deepest level alone), "+w025" (its two finer levels at exponent 0.25); a suffix changes only what it names
 POSTS = {"blur0": dict(blur_sigma=0.0), "blur1": dict(blur_sigma=1.0), "blur2": dict(blur_sigma=2.0), "blur4": dict(blur_sigma=4.0), "blur8": dict(blur_sigma=8.0),
@@ -113,14 +109,17 @@ def infer_ms(model, height: int, width: int, repeats: int = 10) -> float:
 def train_variant(data: Path, out_root: Path, name: str, variants: dict[str, dict] | None = None) -> dict:
     """``stfpm-edge train`` with the options of ``variants[name]`` (this file's VARIANTS by default) into OUT/DATA-NAME."""
     from stfpm_edge.checkpoint import load_checkpoint
-    from stfpm_edge.config import load_config
+    from stfpm_edge.config import STUDENT_DEFAULTS, TrainConfig, load_config
     from stfpm_edge.train import train
 
     run = out_root / f"{data.name}-{name}"
     metrics_file = run / "metrics.json"
     if not metrics_file.is_file():
         variant = (variants or VARIANTS)[name]
-        pinned = PAPER_LEVERS if variant.get("reference") == "student" and name != "defaults" else {}
+        # a student row is measured with the paper's levers unless it names its own: the rows were measured before a new
+        # student took config.STUDENT_DEFAULTS and weighted levels; the paper's values are TrainConfig's; "defaults" is today's
+        pin = variant.get("reference") == "student" and name != "defaults"
+        pinned = {k: getattr(TrainConfig(), k) for k in (*STUDENT_DEFAULTS, "level_weights")} if pin else {}
         overrides = {"overlays": 6, **pinned, **variant}
         cfg = load_config(None, dict(data=str(data), out=str(run), **overrides))
         train(cfg, resume=(run / "last.pt").is_file(), progress=True)
