@@ -111,6 +111,9 @@ def train(
     feature_norm: Optional[str] = typer.Option(None, "--feature-norm", help="student: none (the paper) or channel: the teacher's features standardised per "
                                                "channel with statistics of the good training images and compared by their mean squared difference "
                                                "(EfficientAD), inside the exported graph [default: channel]"),
+    average_epochs: Optional[float] = typer.Option(None, "--average-epochs", help="student: keep (validate, select, export) the moving average "
+                                                  "of its weights over about this many epochs instead of the trained weights (0 = none, the paper) "
+                                                  "[default: 0]"),
     reference: Optional[str] = typer.Option(None, help="what the teacher is compared with: student (the paper: a network trained for --epochs) or "
                                             "memory (a coreset of the teacher's own features of the good images: no epochs, more inference work; "
                                             "see README 'Hard parts') [default: memory]"),
@@ -142,7 +145,7 @@ def train(
         val_fraction=val_fraction, threshold_quantile=threshold_quantile, augment=augment, cache_teacher=cache_teacher,
         layers=layers, blur_sigma=blur_sigma, topk_fraction=topk_fraction, level_weights=level_weights, calib_fraction=calib_fraction, select=select, amp=amp,
         lr_schedule=lr_schedule, hard_fraction=hard_fraction, synthetic=synthetic, feature_norm=feature_norm, student_backbone=student_backbone,
-        reference=reference, bank_size=bank_size, memory_pool=memory_pool, memory_aggregate=memory_aggregate, seed=seed, threads=threads, device=device, overlays=overlays), stored=stored)
+        average_epochs=average_epochs, reference=reference, bank_size=bank_size, memory_pool=memory_pool, memory_aggregate=memory_aggregate, seed=seed, threads=threads, device=device, overlays=overlays), stored=stored)
     if cfg.reference == "memory" and epochs is not None:
         typer.echo("note: --epochs applies to a student (--reference student); a memory reference has no epochs")
     run_dir, metrics = run_training(cfg, resume=resume)

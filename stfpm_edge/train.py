@@ -160,8 +160,9 @@ def _cpu_has_bf16() -> bool:
 
 
 def run_epoch(model: STFPM, images: np.ndarray, cache: TeacherCache | None, optimizer, cfg: TrainConfig, generator: torch.Generator,
-              amp: torch.dtype | None = None, scaler=None) -> float:
-    """One pass of the student over the training images; returns the mean batch loss."""
+              amp: torch.dtype | None = None, scaler=None, average=None) -> float:
+    """One pass of the student over the training images; returns the mean batch loss. ``average`` (an AveragedModel)
+    takes the student's weights after every step."""
     model.train()
     device = next(model.parameters()).device
     losses = []
@@ -186,19 +187,33 @@ def run_epoch(model: STFPM, images: np.ndarray, cache: TeacherCache | None, opti
         else:
             loss.backward()
             optimizer.step()
+        if average is not None:
+            average.update_parameters(model.student)
         losses.append(loss.item())
     return float(np.mean(losses))
 
 
-def validation_loss(model: STFPM, images: np.ndarray, cache: TeacherCache | None, batch_size: int) -> float:
+def weight_average(student: torch.nn.Module, epochs: float, steps_per_epoch: int):
+    """An exponential moving average of ``student``'s weights and batch-norm statistics over about ``epochs`` epochs."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    decay = 1.0 - 1.0 / max(1.0, epochs * steps_per_epoch)  # a window of 1 / (1 - decay) optimiser steps
+    return AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def validation_loss(model: STFPM, images: np.ndarray, cache: TeacherCache | None, batch_size: int,
+                    student: torch.nn.Module | None = None) -> float:
+    """The mean loss of ``student`` (default: the model's own) on the validation images."""
+    student = student if student is not None else model.student
     model.eval()
+    student.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.inference_mode():
         for idx in _batches(len(images), batch_size, None):
             x = model.normalize(torch.from_numpy(images[idx.numpy()]).to(device))
             t = cache[idx] if cache is not None else model.teacher(x)
-            total += float(stfpm_loss(t, model.student(x), metric=model.metric)) * len(idx)
+            total += float(stfpm_loss(t, student(x), metric=model.metric)) * len(idx)
             count += len(idx)
     return total / count
 
@@ -279,11 +294,15 @@ def _fit(p: Prepared, resume: bool, progress: bool) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     start_epoch, best_loss, best_epoch, best_state, history = 0, float("inf"), -1, None, []
+    average = None
     if resume and (run_dir / LAST).is_file():
         state = torch.load(run_dir / LAST, map_location="cpu", weights_only=True)
         if state.get("config", {}).get("backbone") != cfg.backbone:
             raise StfpmError(f"{run_dir / LAST}: was trained with another backbone; cannot resume with {cfg.backbone}")
         model.student.load_state_dict({k: v.to(device) for k, v in state["student"].items()})
+        if cfg.average_epochs > 0:
+            average = weight_average(model.student, cfg.average_epochs, len(_batches(len(p.train_imgs), cfg.batch_size, None)))
+            average.load_state_dict(state["average"])
         optimizer.load_state_dict(state["optimizer"])
         if schedule is not None and state.get("schedule"):
             schedule.load_state_dict(state["schedule"])
@@ -292,24 +311,32 @@ def _fit(p: Prepared, resume: bool, progress: bool) -> dict[str, Any]:
         best_state, history = state["best_student"], state["history"]
         if progress:
             print(f"resuming {run_dir} at epoch {start_epoch + 1}/{cfg.epochs}")
+    if cfg.average_epochs > 0 and average is None:
+        average = weight_average(model.student, cfg.average_epochs, len(_batches(len(p.train_imgs), cfg.batch_size, None)))
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
 
     bar = tqdm(range(start_epoch, cfg.epochs), desc="training", unit="epoch", disable=not progress, initial=start_epoch, total=cfg.epochs)
     for epoch in bar:
         t0 = time.perf_counter()
-        train_loss = run_epoch(model, p.train_imgs, p.cache_train, optimizer, cfg, generator, amp, scaler)
+        train_loss = run_epoch(model, p.train_imgs, p.cache_train, optimizer, cfg, generator, amp, scaler, average)
         val_loss = validation_loss(model, p.val_imgs, p.cache_val, cfg.batch_size)
         if schedule is not None:
             schedule.step()
         if not np.isfinite(train_loss):
             raise StfpmError(f"training diverged at epoch {epoch + 1} (loss {train_loss}); lower --lr")
-        if val_loss < best_loss or cfg.select == "last":
-            best_loss, best_epoch = val_loss, epoch
-            best_state = {k: v.detach().clone() for k, v in model.student.state_dict().items()}
-        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "seconds": time.perf_counter() - t0})
-        bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=f"{best_loss:.4f}@{best_epoch + 1}")
+        # the student a run keeps: its averaged weights when it averages, else the trained weights; val_loss is always its loss
+        kept = average.module if average is not None else model.student
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss}
+        if average is not None:
+            record["val_loss"], record["val_loss_trained"] = validation_loss(model, p.val_imgs, p.cache_val, cfg.batch_size, kept), val_loss
+        if record["val_loss"] < best_loss or cfg.select == "last":
+            best_loss, best_epoch = record["val_loss"], epoch
+            best_state = {k: v.detach().clone() for k, v in kept.state_dict().items()}
+        history.append({**record, "seconds": time.perf_counter() - t0})
+        bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{record['val_loss']:.4f}", best=f"{best_loss:.4f}@{best_epoch + 1}")
         atomic_torch_save(run_dir / LAST, {
             "config": cfg.to_dict(), "epoch": epoch, "student": model.student.state_dict(),
+            "average": average.state_dict() if average is not None else None,
             "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "schedule": schedule.state_dict() if schedule else None,
             "best_loss": best_loss, "best_epoch": best_epoch, "best_student": best_state, "history": history,
         })

@@ -69,7 +69,7 @@ def _cfg(data, out, **kw):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("levers", [{}, dict(lr_schedule="cosine", synthetic=0.5, hard_fraction=0.2, feature_norm="channel")],
+@pytest.mark.parametrize("levers", [{}, dict(lr_schedule="cosine", synthetic=0.5, hard_fraction=0.2, feature_norm="channel", average_epochs=1.0)],
                          ids=["paper", "student-levers"])
 def test_resume_continues_and_matches_uninterrupted_run(synthetic_mvtec, tmp_path, monkeypatch, levers):
     # with the levers: the cosine schedule's position and the generator that draws the synthetic defects resume too
@@ -130,6 +130,47 @@ def test_a_feature_normalised_deeper_student_standardises_the_teacher_and_export
     ok, problems = parity_ok(verify_export(tmp_path / "m.onnx", run_dir / "model.pt", synthetic_mvtec, progress=False))
     assert ok, problems
     assert metrics["image_auroc"] is not None
+
+
+def test_weight_average_is_the_moving_average_of_weights_and_batch_norm_statistics():
+    from stfpm_edge.train import weight_average
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    average = weight_average(net, epochs=2, steps_per_epoch=2)  # a window of 4 steps: decay 0.75
+    average.update_parameters(net)  # the first update copies
+    w0, m0 = net[0].weight.detach().clone(), net[1].running_mean.clone()
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+        net[1].running_mean.fill_(2.0)
+    average.update_parameters(net)
+    assert torch.allclose(average.module[0].weight, 0.75 * w0 + 0.25 * (w0 + 1.0))
+    assert torch.allclose(average.module[1].running_mean, 0.75 * m0 + 0.25 * 2.0)
+    assert not torch.allclose(average.module[0].weight, net[0].weight)
+
+
+def test_an_averaging_run_validates_selects_and_exports_the_averaged_student(synthetic_mvtec, tmp_path):
+    from stfpm_edge.datasets import discover, heldout_splits
+    from stfpm_edge.geometry import Geometry
+    from stfpm_edge.store import TrainingStore
+    from stfpm_edge.train import validation_loss
+
+    cfg = _cfg(synthetic_mvtec, tmp_path / "run", epochs=3, average_epochs=1.0)
+    run_dir, _ = train(cfg, progress=False)
+    model, meta = load_checkpoint(run_dir / "model.pt")
+    history, best = meta["training"]["history"], meta["training"]["best_epoch"]
+    assert all(h["val_loss"] != h["val_loss_trained"] for h in history)  # two students: the trained one and its average
+    assert meta["training"]["best_val_loss"] == min(h["val_loss"] for h in history) == history[best - 1]["val_loss"]
+    # the exported student is the averaged one: its validation loss is the averaged loss recorded, not the trained one
+    val_samples = heldout_splits(discover(cfg.data, seed=cfg.seed).train, cfg.val_fraction, cfg.calib_fraction, cfg.seed)[1]
+    with TrainingStore() as store:
+        imgs = store.images("val", val_samples, Geometry(64, 64, "squash"), False, "")
+        loss = validation_loss(model, imgs, None, cfg.batch_size)
+    assert loss == pytest.approx(history[best - 1]["val_loss"], rel=1e-4)
+    assert loss != pytest.approx(history[best - 1]["val_loss_trained"], rel=1e-2)
+    with pytest.raises(StfpmError, match="average_epochs applies to a student"):
+        load_config(None, dict(data=str(synthetic_mvtec), reference="memory", average_epochs=5.0))
+    with pytest.raises(StfpmError, match=r"average_epochs must be in \[0, epochs"):
+        load_config(None, dict(data=str(synthetic_mvtec), reference="student", epochs=5, average_epochs=6.0))
 
 
 def test_a_student_must_have_the_teachers_widths_and_a_memory_has_no_student(synthetic_mvtec, tmp_path):
