@@ -70,6 +70,9 @@ VARIANTS: dict[str, dict] = {
                                 level_weights="0,0,1"),
     "norm-hard-deep-e60": dict(reference="student", epochs=60, augment="rotate", blur_sigma=4.0, feature_norm="channel", hard_fraction=0.1,
                                level_weights="0,0,1"),
+    # the student's defaults of session 9 with its weights averaged over 10 epochs (--average-epochs 10; session 10)
+    "norm-hard-w025-ema10-e100": dict(reference="student", epochs=100, augment="rotate", blur_sigma=4.0, feature_norm="channel", hard_fraction=0.1,
+                                      level_weights="0.25,0.25,1", average_epochs=10.0),
     "lite1s-hard-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, hard_fraction=0.1, student_backbone="tf_efficientnet_lite1"),
     "lite1s-norm-hard-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, hard_fraction=0.1, feature_norm="channel",
                                  student_backbone="tf_efficientnet_lite1"),
@@ -109,7 +112,7 @@ def infer_ms(model, height: int, width: int, repeats: int = 10) -> float:
 def train_variant(data: Path, out_root: Path, name: str, variants: dict[str, dict] | None = None) -> dict:
     """``stfpm-edge train`` with the options of ``variants[name]`` (this file's VARIANTS by default) into OUT/DATA-NAME."""
     from stfpm_edge.checkpoint import load_checkpoint
-    from stfpm_edge.config import STUDENT_DEFAULTS, TrainConfig, load_config
+    from stfpm_edge.config import STUDENT_LEVERS, TrainConfig, load_config
     from stfpm_edge.train import train
 
     run = out_root / f"{data.name}-{name}"
@@ -117,9 +120,9 @@ def train_variant(data: Path, out_root: Path, name: str, variants: dict[str, dic
     if not metrics_file.is_file():
         variant = (variants or VARIANTS)[name]
         # a student row is measured with the paper's levers unless it names its own: the rows were measured before a new
-        # student took config.STUDENT_DEFAULTS and weighted levels; the paper's values are TrainConfig's; "defaults" is today's
+        # student took config.STUDENT_LEVERS; the paper's values are TrainConfig's; "defaults" is today's
         pin = variant.get("reference") == "student" and name != "defaults"
-        pinned = {k: getattr(TrainConfig(), k) for k in (*STUDENT_DEFAULTS, "level_weights")} if pin else {}
+        pinned = {k: getattr(TrainConfig(), k) for k in STUDENT_LEVERS} if pin else {}
         overrides = {"overlays": 6, **pinned, **variant}
         cfg = load_config(None, dict(data=str(data), out=str(run), **overrides))
         train(cfg, resume=(run / "last.pt").is_file(), progress=True)

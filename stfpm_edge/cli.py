@@ -94,7 +94,7 @@ def train(
                                           "anything but none computes the teacher every step [default: rotate]"),
     layers: Optional[str] = typer.Option(None, help="feature levels to match, e.g. 1,2,3 (strides 4, 8, 16) [default: the backbone's]"),
     blur_sigma: Optional[float] = typer.Option(None, "--blur-sigma", help="Gaussian smoothing of the anomaly map, in model pixels; inside the exported graph; 0 = the raw map [default: 4]"),
-    topk_fraction: Optional[float] = typer.Option(None, "--topk-fraction", help="image score = mean of this fraction of the top map pixels (0 = max) [default: 0]"),
+    topk_fraction: Optional[float] = typer.Option(None, "--topk-fraction", help="image score = mean of this fraction of the top map pixels (0 = max) [default: a student's 0.01, a memory's 0]"),
     level_weights: Optional[str] = typer.Option(None, "--level-weights", help="one exponent per feature level in the map's product of "
                                                 "level distances, e.g. 0,0,1 = the deepest level alone (a student still learns every level); \"\" = all 1 (the paper) "
                                                 "[default: a student's finer levels 0.25 and its deepest 1; a memory's all 1]"),
@@ -113,7 +113,7 @@ def train(
                                                "(EfficientAD), inside the exported graph [default: channel]"),
     average_epochs: Optional[float] = typer.Option(None, "--average-epochs", help="student: keep (validate, select, export) the moving average "
                                                   "of its weights over about this many epochs instead of the trained weights (0 = none, the paper) "
-                                                  "[default: 0]"),
+                                                  "[default: a tenth of --epochs]"),
     reference: Optional[str] = typer.Option(None, help="what the teacher is compared with: student (the paper: a network trained for --epochs) or "
                                             "memory (a coreset of the teacher's own features of the good images: no epochs, more inference work; "
                                             "see README 'Hard parts') [default: memory]"),

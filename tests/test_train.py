@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stfpm_edge.checkpoint import load_checkpoint, read_checkpoint
-from stfpm_edge.config import load_config
+from stfpm_edge.config import STUDENT_LEVERS, TrainConfig, load_config
 from stfpm_edge.errors import ModelFileError, StfpmError
 from stfpm_edge.train import LAST, train
 
@@ -267,18 +267,21 @@ def test_a_new_student_takes_the_winning_levers_and_a_resumed_or_paper_run_keeps
     data = str(synthetic_mvtec)
     student = load_config(None, dict(data=data, reference="student"))
     assert (student.hard_fraction, student.feature_norm, student.level_weights) == (0.1, "channel", "0.25,0.25,1")
+    assert (student.topk_fraction, student.average_epochs) == (0.01, 10.0)  # a tenth of the 100 epochs
+    assert load_config(None, dict(data=data, reference="student", epochs=30)).average_epochs == 3.0
     assert load_config(None, dict(data=data, reference="student", layers="1,2")).level_weights == "0.25,1"  # one per level
     assert load_config(None, dict(data=data, reference="student", layers="3")).level_weights == "1"
     memory = load_config(None, dict(data=data))
-    assert (memory.hard_fraction, memory.feature_norm, memory.level_weights) == (0.0, "none", "")
+    assert (memory.hard_fraction, memory.feature_norm, memory.level_weights, memory.topk_fraction, memory.average_epochs) == (0.0, "none", "", 0.0, 0.0)
     given = load_config(None, dict(data=data, reference="student", hard_fraction=0.0, level_weights="0,0,1"))
     assert (given.hard_fraction, given.feature_norm, given.level_weights) == (0.0, "channel", "0,0,1")
     paper = load_config(Path(__file__).parents[1] / "configs" / "paper.yaml", dict(data=data))
     assert (paper.reference, paper.hard_fraction, paper.feature_norm, paper.level_weights) == ("student", 0.0, "none", "")
+    assert (paper.topk_fraction, paper.average_epochs) == (0.0, 0.0)
     # a run stored before these defaults lacks them: resumed, it keeps the paper's
-    old = {k: v for k, v in paper.to_dict().items() if k not in ("hard_fraction", "feature_norm", "level_weights")}
+    old = {k: v for k, v in paper.to_dict().items() if k not in STUDENT_LEVERS}
     resumed = load_config(None, dict(data=data), stored=old)
-    assert (resumed.hard_fraction, resumed.feature_norm, resumed.level_weights) == (0.0, "none", "")
+    assert all(getattr(resumed, k) == getattr(TrainConfig(), k) for k in STUDENT_LEVERS)
 
 
 def test_levers_train_and_travel_in_the_checkpoint(synthetic_mvtec, tmp_path):
