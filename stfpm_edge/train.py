@@ -294,14 +294,14 @@ def _fit(p: Prepared, resume: bool, progress: bool) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     start_epoch, best_loss, best_epoch, best_state, history = 0, float("inf"), -1, None, []
-    average = None
+    steps_per_epoch = math.ceil(len(p.train_imgs) / cfg.batch_size)
+    average = weight_average(model.student, cfg.average_epochs, steps_per_epoch) if cfg.average_epochs > 0 else None
     if resume and (run_dir / LAST).is_file():
         state = torch.load(run_dir / LAST, map_location="cpu", weights_only=True)
         if state.get("config", {}).get("backbone") != cfg.backbone:
             raise StfpmError(f"{run_dir / LAST}: was trained with another backbone; cannot resume with {cfg.backbone}")
         model.student.load_state_dict({k: v.to(device) for k, v in state["student"].items()})
-        if cfg.average_epochs > 0:
-            average = weight_average(model.student, cfg.average_epochs, len(_batches(len(p.train_imgs), cfg.batch_size, None)))
+        if average is not None:
             average.load_state_dict(state["average"])
         optimizer.load_state_dict(state["optimizer"])
         if schedule is not None and state.get("schedule"):
@@ -311,8 +311,6 @@ def _fit(p: Prepared, resume: bool, progress: bool) -> dict[str, Any]:
         best_state, history = state["best_student"], state["history"]
         if progress:
             print(f"resuming {run_dir} at epoch {start_epoch + 1}/{cfg.epochs}")
-    if cfg.average_epochs > 0 and average is None:
-        average = weight_average(model.student, cfg.average_epochs, len(_batches(len(p.train_imgs), cfg.batch_size, None)))
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
 
     bar = tqdm(range(start_epoch, cfg.epochs), desc="training", unit="epoch", disable=not progress, initial=start_epoch, total=cfg.epochs)
@@ -328,7 +326,7 @@ def _fit(p: Prepared, resume: bool, progress: bool) -> dict[str, Any]:
         kept = average.module if average is not None else model.student
         record = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss}
         if average is not None:
-            record["val_loss"], record["val_loss_trained"] = validation_loss(model, p.val_imgs, p.cache_val, cfg.batch_size, kept), val_loss
+            record.update(val_loss=validation_loss(model, p.val_imgs, p.cache_val, cfg.batch_size, kept), val_loss_trained=val_loss)
         if record["val_loss"] < best_loss or cfg.select == "last":
             best_loss, best_epoch = record["val_loss"], epoch
             best_state = {k: v.detach().clone() for k, v in kept.state_dict().items()}
