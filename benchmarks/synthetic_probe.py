@@ -23,7 +23,10 @@ import numpy as np
 
 
 def planted(images: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
-    """One defect per image (model-input frames, uint8 RGB), the same defects for every checkpoint."""
+    """One defect per image (model-input frames, uint8 RGB); the same images get the same defects (seeded).
+
+    Each checkpoint is probed on its own held-out split, which depends on its training seed.
+    """
     from stfpm_edge.synthetic import add_defect
 
     rng = np.random.default_rng(seed)
