@@ -66,14 +66,19 @@ def test_mqtt_one_message_per_anomalous_frame_and_a_retained_status(tmp_path):
         sink = make_sink(f"mqtt://127.0.0.1:{broker.port}/line/1?send=anomalous")
         summary = run_stream(lambda: DarkSpotEngine(), open_source(str(_video(tmp_path, 120, bad))), RunOptions(tmp_path / "o", sinks=[sink]))
         deadline = time.monotonic() + 5
-        while len(sub.payloads("line/1")) < len(bad) and time.monotonic() < deadline:
+
+        def statuses() -> list[str]:
+            return [json.loads(p)["state"] for t, p, _, _ in sub.messages if t == "line/1/status"]
+
+        # the broker delivers to the subscriber asynchronously: wait for the last frame and for the final status
+        while (len(sub.payloads("line/1")) < len(bad) or statuses()[-1:] != ["stopped"]) and time.monotonic() < deadline:
             time.sleep(0.05)
         frames = [m["frame"] for m in sub.payloads("line/1")]
         assert sorted(frames) == sorted(bad)  # exactly one per anomalous frame, none for good ones
         assert all(m["verdict"] == "anomalous" and m["source"].startswith("video") and m["threshold"] == 0.5 for m in sub.payloads("line/1"))
         st = summary["sinks"][0]
         assert st["sent"] == len(bad) and st["failed"] == st["dropped"] == 0 and st["latency_ms"]["n"] == len(bad)
-        states = [json.loads(p)["state"] for t, p, _, _ in sub.messages if t == "line/1/status"]
+        states = statuses()
         assert states[0] == "running" and states[-1] == "stopped"
         late = Subscriber(broker.port, "line/1/status", name="late")  # the status is retained: a late subscriber sees it at once
         time.sleep(0.3)
