@@ -114,6 +114,9 @@ def train(
     average_epochs: Optional[float] = typer.Option(None, "--average-epochs", help="student: keep (validate, select, export) the moving average "
                                                   "of its weights over about this many epochs instead of the trained weights (0 = none, the paper) "
                                                   "[default: a tenth of --epochs]"),
+    memory_target: Optional[float] = typer.Option(None, "--memory-target", help="student: at the deepest level also regress, with this weight, "
+                                                 "the nearest good feature of the other training images (a memory used at training time only; "
+                                                 "the exported graph is unchanged) (0 = none, the paper) [default: 0]"),
     reference: Optional[str] = typer.Option(None, help="what the teacher is compared with: student (the paper: a network trained for --epochs) or "
                                             "memory (a coreset of the teacher's own features of the good images: no epochs, more inference work; "
                                             "see README 'Hard parts') [default: memory]"),
@@ -145,7 +148,7 @@ def train(
         val_fraction=val_fraction, threshold_quantile=threshold_quantile, augment=augment, cache_teacher=cache_teacher,
         layers=layers, blur_sigma=blur_sigma, topk_fraction=topk_fraction, level_weights=level_weights, calib_fraction=calib_fraction, select=select, amp=amp,
         lr_schedule=lr_schedule, hard_fraction=hard_fraction, synthetic=synthetic, feature_norm=feature_norm, student_backbone=student_backbone,
-        average_epochs=average_epochs, reference=reference, bank_size=bank_size, memory_pool=memory_pool, memory_aggregate=memory_aggregate, seed=seed, threads=threads, device=device, overlays=overlays), stored=stored)
+        average_epochs=average_epochs, memory_target=memory_target, reference=reference, bank_size=bank_size, memory_pool=memory_pool, memory_aggregate=memory_aggregate, seed=seed, threads=threads, device=device, overlays=overlays), stored=stored)
     if cfg.reference == "memory" and epochs is not None:
         typer.echo("note: --epochs applies to a student (--reference student); a memory reference has no epochs")
     run_dir, metrics = run_training(cfg, resume=resume)

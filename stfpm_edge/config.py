@@ -47,6 +47,9 @@ class TrainConfig:
     # > 0: the student validated, kept and exported is the exponential moving average of its weights over about this many
     # epochs (its window, in optimiser steps: this times the steps of one epoch); 0 = the trained weights themselves (the paper)
     average_epochs: float = 0.0
+    # > 0: at the deepest level the student also regresses, with this weight, the nearest good feature of the *other*
+    # training images (a memory of teacher features searched at training time only; nothing of it is exported)
+    memory_target: float = 0.0
     # memory: a coreset of the teacher's own good features (the default: far better on hard parts, no epochs, README "Hard parts");
     # student: the paper's student network, trained for `epochs` (3.5-5x less inference time on a CPU)
     reference: str = "memory"
@@ -186,13 +189,15 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise StfpmError(f"config: memory_aggregate must be an odd number (1, 3, 5), got {cfg.memory_aggregate}")
     if not 0.0 <= cfg.average_epochs <= cfg.epochs:
         raise StfpmError(f"config: average_epochs must be in [0, epochs ({cfg.epochs})], got {cfg.average_epochs}")
+    if cfg.memory_target < 0:
+        raise StfpmError(f"config: memory_target must not be negative, got {cfg.memory_target}")
     if not 0.0 <= cfg.hard_fraction < 1.0 or not 0.0 <= cfg.synthetic <= 1.0:
         raise StfpmError(f"config: hard_fraction must be in [0, 1) and synthetic in [0, 1], got {cfg.hard_fraction} and {cfg.synthetic}")
     for name, allowed in (("augment", AUGMENTS), ("amp", AMP_MODES), ("select", ("best", "last")), ("reference", REFERENCES),
                           ("lr_schedule", LR_SCHEDULES), ("feature_norm", FEATURE_NORMS)):
         if getattr(cfg, name) not in allowed:
             raise StfpmError(f"config: {name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
-    for name, off in (("student_backbone", ""), ("feature_norm", "none"), ("average_epochs", 0.0)):
+    for name, off in (("student_backbone", ""), ("feature_norm", "none"), ("average_epochs", 0.0), ("memory_target", 0.0)):
         if getattr(cfg, name) != off and cfg.reference != "student":
             raise StfpmError(f"config: {name} applies to a student (reference: student); a {cfg.reference} reference has no student network")
     if not 0.0 < cfg.threshold_quantile <= 1.0:

@@ -74,6 +74,51 @@ def teacher_batches(model: STFPM, images, batch_size: int):
         yield model.teacher(model.normalize(torch.from_numpy(images[i : i + batch_size]).to(device)))
 
 
+class TargetMemory:
+    """The good training images' own teacher features at the deepest level, searched at training time only (``memory_target``).
+
+    ``nearest`` answers, for every position of a batch, the closest row (squared distance, the standardised student's
+    metric) among the features of the *other* training images: the normal feature nearest to what the teacher sees
+    there. The student regresses it beside the teacher's own feature, so a rare detail of one good image pulls it
+    towards what good images share instead of being copied. At most ``rows`` rows (a random subset; each step
+    searches them all); nothing of it is exported, the graph stays the pair's.
+    """
+
+    CHUNK = 1024  # query positions per distance block: 1024 x 16384 floats = 64 MB
+
+    def __init__(self, model: STFPM, images, batch_size: int, rows: int, seed: int):
+        feats, owner = [], []
+        with torch.inference_mode():
+            for i, levels in enumerate(teacher_batches(model, images, batch_size)):
+                f = levels[-1].float()
+                n, c, h, w = f.shape
+                feats.append(f.permute(0, 2, 3, 1).reshape(-1, c).cpu())
+                owner.append(torch.arange(i * batch_size, i * batch_size + n).repeat_interleave(h * w))
+        bank, owners = torch.cat(feats).clone(), torch.cat(owner)
+        if len(bank) > rows:
+            keep = torch.randperm(len(bank), generator=torch.Generator().manual_seed(seed))[:rows]
+            bank, owners = bank[keep], owners[keep]
+        device = next(model.parameters()).device
+        self.bank, self.owner = bank.to(device), owners.to(device)
+        self.sq = self.bank.pow(2).sum(dim=1)
+
+    @torch.no_grad()
+    def nearest(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Deepest-level teacher features [N, C, h, w] of training images ``idx`` -> their nearest rows of other images."""
+        n, c, h, w = t.shape
+        q = t.float().permute(0, 2, 3, 1).reshape(-1, c)
+        q_owner = idx.to(self.owner.device).repeat_interleave(h * w)
+        out = torch.empty_like(q)
+        for i in range(0, len(q), self.CHUNK):
+            d = self.sq - 2.0 * (q[i : i + self.CHUNK] @ self.bank.T)  # + |q|^2, the same for every row: not needed to rank
+            d.masked_fill_(q_owner[i : i + self.CHUNK, None] == self.owner[None], float("inf"))
+            out[i : i + self.CHUNK] = self.bank[d.argmin(dim=1)]
+        return out.reshape(n, h, w, c).permute(0, 3, 1, 2)
+
+
+MEMORY_TARGET_ROWS = 16384  # rows of the training-time memory: one search of 16384 rows per batch position and step
+
+
 def teacher_stats(model: STFPM, images, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per level, the channel means and spreads of the teacher's features of these (unaugmented) images."""
     with torch.inference_mode():
@@ -160,9 +205,9 @@ def _cpu_has_bf16() -> bool:
 
 
 def run_epoch(model: STFPM, images: np.ndarray, cache: TeacherCache | None, optimizer, cfg: TrainConfig, generator: torch.Generator,
-              amp: torch.dtype | None = None, scaler=None, average=None) -> float:
+              amp: torch.dtype | None = None, scaler=None, average=None, memory: TargetMemory | None = None) -> float:
     """One pass of the student over the training images; returns the mean batch loss. ``average`` (an AveragedModel)
-    takes the student's weights after every step."""
+    takes the student's weights after every step; ``memory``: the deepest level also regresses its nearest good feature."""
     model.train()
     device = next(model.parameters()).device
     losses = []
@@ -179,6 +224,9 @@ def run_epoch(model: STFPM, images: np.ndarray, cache: TeacherCache | None, opti
                 x = synthetic_defects(x, cfg.synthetic, generator)
             s = model.student(x)
         loss = stfpm_loss([f.float() for f in t], [f.float() for f in s], cfg.hard_fraction, model.metric)
+        if memory is not None:
+            target = memory.nearest(t[-1], idx)
+            loss = loss + cfg.memory_target * stfpm_loss([target], [s[-1].float()], cfg.hard_fraction, model.metric)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -296,6 +344,8 @@ def _fit(p: Prepared, resume: bool, progress: bool) -> dict[str, Any]:
     start_epoch, best_loss, best_epoch, best_state, history = 0, float("inf"), -1, None, []
     steps_per_epoch = math.ceil(len(p.train_imgs) / cfg.batch_size)
     average = weight_average(model.student, cfg.average_epochs, steps_per_epoch) if cfg.average_epochs > 0 else None
+    # its own seed: drawing the memory's rows leaves the generator of the batches and augmentations as it was
+    memory = TargetMemory(model, p.train_imgs, cfg.batch_size, MEMORY_TARGET_ROWS, cfg.seed) if cfg.memory_target > 0 else None
     if resume and (run_dir / LAST).is_file():
         state = torch.load(run_dir / LAST, map_location="cpu", weights_only=True)
         if state.get("config", {}).get("backbone") != cfg.backbone:
@@ -316,7 +366,7 @@ def _fit(p: Prepared, resume: bool, progress: bool) -> dict[str, Any]:
     bar = tqdm(range(start_epoch, cfg.epochs), desc="training", unit="epoch", disable=not progress, initial=start_epoch, total=cfg.epochs)
     for epoch in bar:
         t0 = time.perf_counter()
-        train_loss = run_epoch(model, p.train_imgs, p.cache_train, optimizer, cfg, generator, amp, scaler, average)
+        train_loss = run_epoch(model, p.train_imgs, p.cache_train, optimizer, cfg, generator, amp, scaler, average, memory)
         val_loss = validation_loss(model, p.val_imgs, p.cache_val, cfg.batch_size)
         if schedule is not None:
             schedule.step()

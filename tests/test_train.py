@@ -69,7 +69,8 @@ def _cfg(data, out, **kw):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("levers", [{}, dict(lr_schedule="cosine", synthetic=0.5, hard_fraction=0.2, feature_norm="channel", average_epochs=1.0)],
+@pytest.mark.parametrize("levers", [{}, dict(lr_schedule="cosine", synthetic=0.5, hard_fraction=0.2, feature_norm="channel", average_epochs=1.0,
+                                           memory_target=1.0)],
                          ids=["paper", "student-levers"])
 def test_resume_continues_and_matches_uninterrupted_run(synthetic_mvtec, tmp_path, monkeypatch, levers):
     # with the levers: the cosine schedule's position and the generator that draws the synthetic defects resume too
@@ -171,6 +172,38 @@ def test_an_averaging_run_validates_selects_and_exports_the_averaged_student(syn
         load_config(None, dict(data=str(synthetic_mvtec), reference="memory", average_epochs=5.0))
     with pytest.raises(StfpmError, match=r"average_epochs must be in \[0, epochs"):
         load_config(None, dict(data=str(synthetic_mvtec), reference="student", epochs=5, average_epochs=6.0))
+
+
+def test_the_training_memory_answers_the_nearest_feature_of_another_image():
+    from stfpm_edge.model import STFPM
+    from stfpm_edge.train import TargetMemory, teacher_batches
+
+    torch.manual_seed(0)
+    model = STFPM.build("tf_efficientnet_lite0", pretrained=False).eval()
+    images = (np.random.default_rng(0).random((5, 3, 64, 64)) * 255).astype(np.uint8)
+    memory = TargetMemory(model, images, 2, rows=10**6, seed=0)  # every row kept
+    with torch.no_grad():
+        deep = torch.cat([levels[-1] for levels in teacher_batches(model, images, 2)])  # [5, C, 4, 4]
+    n, c, h, w = deep.shape
+    assert memory.bank.shape == (n * h * w, c)
+    idx = torch.tensor([3, 0])
+    got = memory.nearest(deep[idx], idx)
+    rows = deep.permute(0, 2, 3, 1).reshape(n, h * w, c)
+    for j, image in enumerate(idx.tolist()):
+        others = torch.cat([rows[k] for k in range(n) if k != image])  # brute force over the other images only
+        query = rows[image]
+        want = others[torch.cdist(query, others).argmin(dim=1)]
+        assert torch.allclose(got[j].permute(1, 2, 0).reshape(h * w, c), want, atol=1e-5)
+        assert not torch.allclose(got[j], deep[image])  # its own features (distance 0) are never the answer
+    small = TargetMemory(model, images, 2, rows=7, seed=0)
+    assert small.bank.shape == (7, c) and small.owner.shape == (7,)
+
+
+def test_the_training_memory_is_a_students_lever_only(synthetic_mvtec):
+    with pytest.raises(StfpmError, match="memory_target applies to a student"):
+        load_config(None, dict(data=str(synthetic_mvtec), reference="memory", memory_target=1.0))
+    with pytest.raises(StfpmError, match="memory_target must not be negative"):
+        load_config(None, dict(data=str(synthetic_mvtec), reference="student", memory_target=-1.0))
 
 
 def test_a_student_must_have_the_teachers_widths_and_a_memory_has_no_student(synthetic_mvtec, tmp_path):
