@@ -73,6 +73,9 @@ VARIANTS: dict[str, dict] = {
     # the student's defaults of session 9 with its weights averaged over 10 epochs (--average-epochs 10; session 10)
     "norm-hard-w025-ema10-e100": dict(reference="student", epochs=100, augment="rotate", blur_sigma=4.0, feature_norm="channel", hard_fraction=0.1,
                                       level_weights="0.25,0.25,1", average_epochs=10.0),
+    # session 12: today's defaults plus the memory as a second teacher signal at training time (--memory-target 1)
+    "defaults-mem1-e100": dict(reference="student", epochs=100, augment="rotate", blur_sigma=4.0, feature_norm="channel", hard_fraction=0.1,
+                               level_weights="0.25,0.25,1", average_epochs=10.0, topk_fraction=0.01, memory_target=1.0),
     "lite1s-hard-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, hard_fraction=0.1, student_backbone="tf_efficientnet_lite1"),
     "lite1s-norm-hard-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, hard_fraction=0.1, feature_norm="channel",
                                  student_backbone="tf_efficientnet_lite1"),
