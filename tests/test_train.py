@@ -197,6 +197,8 @@ def test_the_training_memory_answers_the_nearest_feature_of_another_image():
         assert not torch.allclose(got[j], deep[image])  # its own features (distance 0) are never the answer
     small = TargetMemory(model, images, 2, rows=7, seed=0)
     assert small.bank.shape == (7, c) and small.owner.shape == (7,)
+    with pytest.raises(StfpmError, match="at least two training images"):
+        TargetMemory(model, images[:1], 2, rows=10, seed=0)
 
 
 def test_the_training_memory_is_a_students_lever_only(synthetic_mvtec):
