@@ -85,16 +85,12 @@ class TargetMemory:
     """
 
     def __init__(self, model: STFPM, images, batch_size: int, rows: int, seed: int):
-        feats, owner = [], []
-        with torch.inference_mode():
-            for i, levels in enumerate(teacher_batches(model, images, batch_size)):
-                f = levels[-1].float()
-                n, c, h, w = f.shape
-                feats.append(f.permute(0, 2, 3, 1).reshape(-1, c).cpu())
-                owner.append(torch.arange(i * batch_size, i * batch_size + n).repeat_interleave(h * w))
-        bank, owners = torch.cat(feats).clone(), torch.cat(owner)
         if len(images) < 2:
             raise StfpmError("memory_target needs at least two training images: each image's target comes from the others")
+        with torch.inference_mode():
+            deep = [levels[-1].float().permute(0, 2, 3, 1).cpu() for levels in teacher_batches(model, images, batch_size)]
+        bank = torch.cat(deep).flatten(0, 2).clone()  # [images x positions, C], image by image in order
+        owners = torch.arange(len(bank)) // (len(bank) // len(images))  # each image has the same positions
         if len(bank) > rows:
             keep = torch.randperm(len(bank), generator=torch.Generator().manual_seed(seed))[:rows]
             bank, owners = bank[keep], owners[keep]
