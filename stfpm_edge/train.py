@@ -203,12 +203,14 @@ def _cpu_has_bf16() -> bool:
 
 
 def run_epoch(model: STFPM, images: np.ndarray, cache: TeacherCache | None, optimizer, cfg: TrainConfig, generator: torch.Generator,
-              amp: torch.dtype | None = None, scaler=None, average=None, memory: TargetMemory | None = None) -> float:
-    """One pass of the student over the training images; returns the mean batch loss. ``average`` (an AveragedModel)
-    takes the student's weights after every step; ``memory``: the deepest level also regresses its nearest good feature."""
+              amp: torch.dtype | None = None, scaler=None, average=None, memory: TargetMemory | None = None) -> dict[str, float]:
+    """One pass of the student over the training images; returns the mean batch losses: ``train_loss`` against the teacher
+    (what validation measures, so the two compare) and, with ``memory``, ``memory_loss``, its own term before its weight.
+    ``average`` (an AveragedModel) takes the student's weights after every step; ``memory``: the deepest level also
+    regresses its nearest good feature."""
     model.train()
     device = next(model.parameters()).device
-    losses = []
+    losses, memory_losses = [], []
     for idx in _batches(len(images), cfg.batch_size, generator):
         x = model.normalize(torch.from_numpy(images[idx.numpy()]).to(device))
         x = augment(x, cfg.augment, generator)
@@ -221,10 +223,12 @@ def run_epoch(model: STFPM, images: np.ndarray, cache: TeacherCache | None, opti
             if cfg.synthetic > 0:  # the teacher saw the clean image: the target where the student sees a defect
                 x = synthetic_defects(x, cfg.synthetic, generator)
             s = model.student(x)
-        loss = stfpm_loss([f.float() for f in t], [f.float() for f in s], cfg.hard_fraction, model.metric)
+        teacher_loss = stfpm_loss([f.float() for f in t], [f.float() for f in s], cfg.hard_fraction, model.metric)
+        loss = teacher_loss
         if memory is not None:
-            target = memory.nearest(t[-1], idx)
-            loss = loss + cfg.memory_target * stfpm_loss([target], [s[-1].float()], cfg.hard_fraction, model.metric)
+            memory_loss = stfpm_loss([memory.nearest(t[-1], idx)], [s[-1].float()], cfg.hard_fraction, model.metric)
+            loss = loss + cfg.memory_target * memory_loss
+            memory_losses.append(memory_loss.item())
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -235,8 +239,11 @@ def run_epoch(model: STFPM, images: np.ndarray, cache: TeacherCache | None, opti
             optimizer.step()
         if average is not None:
             average.update_parameters(model.student)
-        losses.append(loss.item())
-    return float(np.mean(losses))
+        losses.append(teacher_loss.item())
+    out = {"train_loss": float(np.mean(losses))}
+    if memory_losses:
+        out["memory_loss"] = float(np.mean(memory_losses))
+    return out
 
 
 def weight_average(student: torch.nn.Module, epochs: float, steps_per_epoch: int):
@@ -364,15 +371,16 @@ def _fit(p: Prepared, resume: bool, progress: bool) -> dict[str, Any]:
     bar = tqdm(range(start_epoch, cfg.epochs), desc="training", unit="epoch", disable=not progress, initial=start_epoch, total=cfg.epochs)
     for epoch in bar:
         t0 = time.perf_counter()
-        train_loss = run_epoch(model, p.train_imgs, p.cache_train, optimizer, cfg, generator, amp, scaler, average, memory)
+        losses = run_epoch(model, p.train_imgs, p.cache_train, optimizer, cfg, generator, amp, scaler, average, memory)
+        train_loss = losses["train_loss"]
         val_loss = validation_loss(model, p.val_imgs, p.cache_val, cfg.batch_size)
         if schedule is not None:
             schedule.step()
-        if not np.isfinite(train_loss):
-            raise StfpmError(f"training diverged at epoch {epoch + 1} (loss {train_loss}); lower --lr")
+        if not all(np.isfinite(v) for v in losses.values()):
+            raise StfpmError(f"training diverged at epoch {epoch + 1} (losses {losses}); lower --lr")
         # the student a run keeps: its averaged weights when it averages, else the trained weights; val_loss is always its loss
         kept = average.module if average is not None else model.student
-        record = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss}
+        record = {"epoch": epoch + 1, **losses, "val_loss": val_loss}
         if average is not None:
             record.update(val_loss=validation_loss(model, p.val_imgs, p.cache_val, cfg.batch_size, kept), val_loss_trained=val_loss)
         if record["val_loss"] < best_loss or cfg.select == "last":

@@ -78,6 +78,9 @@ def test_resume_continues_and_matches_uninterrupted_run(synthetic_mvtec, tmp_pat
         return _cfg(data, out, **levers, **kw)
 
     _, full = train(make(synthetic_mvtec, tmp_path / "full", epochs=2), progress=False)
+    # the loss against the teacher is logged as train_loss whatever the levers; the memory's own term beside it
+    history = load_checkpoint(tmp_path / "full" / "model.pt")[1]["training"]["history"]
+    assert all(("memory_loss" in h) == ("memory_target" in levers) and h["train_loss"] > 0 for h in history)
     # interrupt after the first epoch: make the second epoch crash
     import stfpm_edge.train as tr
 
