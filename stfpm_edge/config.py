@@ -73,7 +73,7 @@ REFERENCES = ("student", "memory")
 # hard-feature loss and standardised features, an image score that is the mean of the map's top 1%, a map whose finer
 # levels weigh STUDENT_FINE_WEIGHT against the deepest level's 1, and the kept weights averaged over the last
 # STUDENT_AVERAGE_SHARE of the epochs (README "The student, reproduced": screw 0.830-0.923 / 0.986-0.989 over four
-# trainings, mean 0.892; six with sessions 12 and 14, mean 0.899; bottle 1.000 / 0.9848-0.9863 over five). configs/paper.yaml sets the paper's.
+# trainings, mean 0.892; seven with sessions 12 and 14, mean 0.902; bottle 1.000 / 0.9823-0.9863 over six). configs/paper.yaml sets the paper's.
 STUDENT_DEFAULTS: dict[str, Any] = {"hard_fraction": 0.1, "feature_norm": "channel", "topk_fraction": 0.01}
 STUDENT_FINE_WEIGHT = 0.25
 STUDENT_AVERAGE_SHARE = 0.1  # average_epochs = this share of epochs (100 epochs: 10)
