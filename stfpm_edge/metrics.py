@@ -68,6 +68,15 @@ def aupro(maps: np.ndarray, masks: np.ndarray, valid: np.ndarray | None = None, 
     return float(sk_auc(x, y) / fpr_limit)  # the trapezoid rule (works on NumPy 1 and 2)
 
 
+def pixel_pairs(maps: np.ndarray, masks: np.ndarray, has_mask: np.ndarray, valid: np.ndarray | None):
+    """The pixels the pixel metrics rank: (scores, labels) of the labelled images' content pixels, and the
+    (maps, masks, valid) of those images for region metrics."""
+    sel = np.asarray(has_mask, dtype=bool)
+    m, g = maps[sel], masks[sel].astype(bool)
+    v = np.ones_like(g) if valid is None else valid[sel]
+    return m[v], g[v], (m, g, v)
+
+
 def evaluate_scores(
     labels: np.ndarray,
     scores: np.ndarray,
@@ -105,10 +114,7 @@ def evaluate_scores(
     if maps is None or masks is None or has_mask is None or not has_mask.any():
         out["notes"].append("no pixel labels: pixel metrics skipped")
         return out
-    sel = np.asarray(has_mask, dtype=bool)
-    m, g = maps[sel], masks[sel].astype(bool)
-    v = np.ones_like(g) if valid is None else valid[sel]
-    pix_scores, pix_labels = m[v], g[v]
+    pix_scores, pix_labels, (m, g, v) = pixel_pairs(maps, masks, has_mask, valid)
     if not _two_classes(pix_labels.astype(int)):
         out["notes"].append("pixel metrics are undefined: no defect pixels in the labelled images")
         return out
