@@ -102,7 +102,7 @@ def train(
     select: Optional[str] = typer.Option(None, help="checkpoint: best (lowest validation loss) or last epoch [default: best]"),
     amp: Optional[str] = typer.Option(None, help="mixed precision: off, bf16 (CPU), fp16 (CUDA), auto [default: off]"),
     cache_teacher: Optional[bool] = typer.Option(None, "--cache-teacher/--no-cache-teacher", help="compute the frozen teacher once per image [default: on]"),
-    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="student: constant (the paper) or cosine (decays to 0 over --epochs) [default: constant]"),
+    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="student: constant (the paper), cosine (decays to 0 over --epochs) or decay (constant, then falls linearly over the last fifth of --epochs) [default: constant]"),
     hard_fraction: Optional[float] = typer.Option(None, "--hard-fraction", help="student: only this share of positions with the largest distances trains it (0 = all, the paper) [default: 0.1]"),
     synthetic: Optional[float] = typer.Option(None, "--synthetic", help="student: share of each batch given a synthetic defect, where it must answer the teacher's features "
                                               "of the clean image (0 = none, the paper) [default: 0]"),

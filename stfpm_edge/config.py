@@ -38,7 +38,7 @@ class TrainConfig:
     cache_teacher: bool = True
     # student levers (issue 17; the paper: constant, 0, 0, none, every level 1): README "The student, reproduced". A student
     # that is not told otherwise gets STUDENT_DEFAULTS (what won on screw and bottle); the defaults here are the memory's
-    lr_schedule: str = "constant"  # constant (the paper) or cosine (decays to 0 over the epochs)
+    lr_schedule: str = "constant"  # constant (the paper), cosine (decays to 0 over the epochs), decay (linear over the last fifth)
     hard_fraction: float = 0.0  # > 0: only this fraction of positions with the largest distances trains the student (EfficientAD)
     synthetic: float = 0.0  # share of each batch given a synthetic defect; the student must answer the teacher's features of the clean image
     student_backbone: str = ""  # the student's network; empty = the teacher's (the paper); it must give the teacher's level widths
@@ -213,7 +213,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 AUGMENTS = ("none", "flip", "rot90", "rotate")
 AMP_MODES = ("off", "bf16", "fp16", "auto")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "decay")
 FEATURE_NORMS = ("none", "channel")
 
 

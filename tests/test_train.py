@@ -405,3 +405,33 @@ def test_memory_search_options_pool_aggregate_per_level_banks_export_at_parity(s
     for bad in (dict(bank_size="0"), dict(bank_size="many"), dict(memory_aggregate=2), dict(memory_pool="1,0,1")):
         with pytest.raises(StfpmError):
             load_config(None, dict(data=str(synthetic_mvtec), **bad))
+
+
+def test_the_decay_schedule_keeps_the_rate_then_falls_over_the_last_fifth_and_resumes_where_it_was():
+    from stfpm_edge.train import lr_schedule
+
+    def rates(epochs, resume_at=None):
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=0.4)
+        sched = lr_schedule(opt, "decay", epochs)
+        out = []
+        for e in range(epochs):
+            if e == resume_at:  # a resumed run builds a new optimiser and schedule and loads their states
+                state = (opt.state_dict(), sched.state_dict())
+                opt = torch.optim.SGD([p], lr=0.4)
+                sched = lr_schedule(opt, "decay", epochs)
+                opt.load_state_dict(state[0])
+                sched.load_state_dict(state[1])
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    r = rates(100)
+    assert r[:80] == [0.4] * 80  # constant for four fifths
+    assert all(a > b > 0 for a, b in zip(r[79:], r[80:]))  # then strictly falling, never reaching 0
+    assert r[-1] == pytest.approx(0.4 / 21)
+    assert rates(100, resume_at=90) == pytest.approx(r)
+    assert lr_schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4), "constant", 100) is None
+    with pytest.raises(StfpmError, match="lr_schedule"):
+        load_config(None, dict(data="x", lr_schedule="step"))
