@@ -1,13 +1,18 @@
 """How a student's test accuracy moves along one training, epoch by epoch (issue 17).
 
     python benchmarks/trajectory.py train --every 2 --start 50 -- --reference student --data DIR --out RUN [train flags]
+    python benchmarks/trajectory.py branch RUN/snapshots/state0080.pt --out RUN2 --set lr_schedule=constant -- --threads 1
     python benchmarks/trajectory.py eval RUN [RUN ...] [--threads 1]
 
 Trainings of one student setting end 0.83-0.92 image AUROC apart on screw, and one trajectory read at
 epochs 60, 100 and 200 gave 0.870, 0.943 and 0.914: a single number at the last epoch cannot say
 whether a lever raised the level or the run was lucky. ``train`` runs ``stfpm-edge train`` unchanged
 and, after every ``--every``-th epoch from ``--start`` on, copies the student (its trained and its
-averaged weights) from the run's resume state into ``RUN/snapshots/``. ``eval`` scores each snapshot
+averaged weights) from the run's resume state into ``RUN/snapshots/``; ``--keep-state E`` also keeps the
+whole resume state after epoch E. ``branch`` continues such a state in a new run folder with some
+settings changed (``--set key=value``), so two settings share one trajectory up to the epoch where
+they differ (a run is deterministic on one machine and thread count: the same seed retraces it
+exactly) at the cost of the epochs after it. ``eval`` scores each snapshot
 on the test split with the run's own finished model.pt (teacher, standardisation, map post), once
 with the averaged weights (what the run would keep) and once with the trained ones, and prints image
 and pixel AUROC per epoch and their mean and spread over the window: the level and the noise of a
@@ -62,6 +67,9 @@ def train(args: argparse.Namespace, train_args: list[str]) -> int:
                     state = None  # replaced or removed while opening: the next round sees the new one
                 if state is not None:
                     epoch = int(state["epoch"]) + 1
+                    if epoch in args.keep_state:
+                        (run / SNAPSHOTS).mkdir(exist_ok=True)
+                        atomic_torch_save(run / SNAPSHOTS / f"state{epoch:04d}.pt", state)
                     if epoch >= args.start and (epoch - args.start) % args.every == 0:
                         target = run / SNAPSHOTS / f"epoch{epoch:04d}.pt"
                         if not target.exists():
@@ -75,6 +83,44 @@ def train(args: argparse.Namespace, train_args: list[str]) -> int:
     except KeyboardInterrupt:
         proc.terminate()
         return proc.wait()
+
+
+def branch(args: argparse.Namespace, train_args: list[str]) -> int:
+    """A kept resume state, continued in ``args.out`` with ``args.set`` changed: ``train --resume`` with snapshots."""
+    import torch
+
+    from stfpm_edge.checkpoint import atomic_torch_save
+    from stfpm_edge.config import TrainConfig
+    from stfpm_edge.fileio import atomic_write_json
+    from stfpm_edge.train import lr_schedule
+
+    state = torch.load(args.state, map_location="cpu", weights_only=True)
+    known = TrainConfig().to_dict()
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in known or key in ("data", "out"):
+            sys.exit(f"trajectory.py branch: --set {item}: not a setting that may change here")
+        state["config"][key] = type(known[key])(value) if known[key] is not None else value
+    # the rate where the branch starts, as its own schedule has it after the epochs done (the optimiser's state holds the old one's)
+    epochs, cfg = int(state["config"]["epochs"]), state["config"]
+    param = torch.nn.Parameter(torch.zeros(1))
+    probe = torch.optim.SGD([param], lr=float(cfg["lr"]))
+    schedule = lr_schedule(probe, cfg["lr_schedule"], epochs)
+    for _ in range(int(state["epoch"]) + 1):
+        probe.step()
+        if schedule is not None:
+            schedule.step()
+    for group in state["optimizer"]["param_groups"]:
+        group["lr"] = probe.param_groups[0]["lr"]
+        group["initial_lr"] = float(cfg["lr"])
+    state["schedule"] = schedule.state_dict() if schedule is not None else None
+    if args.out.exists() and any(args.out.iterdir()):
+        sys.exit(f"trajectory.py branch: {args.out} exists and is not empty")
+    args.out.mkdir(parents=True, exist_ok=True)
+    state["config"]["out"] = str(args.out)
+    atomic_write_json(args.out / "config.json", state["config"])
+    atomic_torch_save(args.out / "last.pt", state)
+    return train(args, ["--resume", "--out", str(args.out), *train_args])
 
 
 def _aurocs(test, maps: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
@@ -135,9 +181,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="stfpm-edge train with snapshots of the student (its flags after '--')")
-    t.add_argument("--every", type=int, default=2, help="a snapshot after every N-th epoch")
-    t.add_argument("--start", type=int, default=50, help="the first epoch snapshotted")
-    t.add_argument("--poll", type=float, default=2.0, help="seconds between looks at the resume state")
+    b = sub.add_parser("branch", help="continue a kept state in a new run folder with settings changed (train flags after '--')")
+    b.add_argument("state", type=Path, help="a state kept by 'train --keep-state'")
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting of the branch (repeatable)")
+    for p in (t, b):
+        p.add_argument("--every", type=int, default=2, help="a snapshot after every N-th epoch")
+        p.add_argument("--start", type=int, default=50, help="the first epoch snapshotted")
+        p.add_argument("--poll", type=float, default=2.0, help="seconds between looks at the resume state")
+        p.add_argument("--keep-state", type=int, action="append", default=[], help="keep the whole resume state after this epoch")
     e = sub.add_parser("eval", help="test image and pixel AUROC of every snapshot of finished runs")
     e.add_argument("runs", type=Path, nargs="+")
     e.add_argument("--threads", type=int, default=1)
@@ -147,7 +199,7 @@ def main() -> None:
         cut = argv.index("--")
         argv, rest = argv[:cut], argv[cut + 1 :]
     args = ap.parse_args(argv)
-    sys.exit(train(args, rest) if args.command == "train" else evaluate(args))
+    sys.exit({"train": train, "branch": branch}[args.command](args, rest) if args.command != "eval" else evaluate(args))
 
 
 if __name__ == "__main__":
