@@ -96,6 +96,7 @@ def branch(args: argparse.Namespace, train_args: list[str]) -> int:
 
     state = torch.load(args.state, map_location="cpu", weights_only=True)
     known = TrainConfig().to_dict()
+    kept_before = float(state["config"].get("average_epochs", 0.0)) > 0
     for item in args.set:
         key, _, value = item.partition("=")
         if key not in known or key in ("data", "out"):
@@ -114,6 +115,12 @@ def branch(args: argparse.Namespace, train_args: list[str]) -> int:
         group["lr"] = probe.param_groups[0]["lr"]
         group["initial_lr"] = float(cfg["lr"])
     state["schedule"] = schedule.state_dict() if schedule is not None else None
+    if float(cfg.get("average_epochs", 0.0)) > 0 and not state.get("average"):
+        sys.exit("trajectory.py branch: this state kept no weight average to continue; average_epochs must stay 0")
+    if (float(cfg.get("average_epochs", 0.0)) > 0) != kept_before:
+        # the kept student changes kind (averaged or trained weights): the best so far was the other kind's, so the branch
+        # selects among its own epochs only
+        state.update(best_loss=float("inf"), best_epoch=-1, best_student=None)
     if args.out.exists() and any(args.out.iterdir()):
         sys.exit(f"trajectory.py branch: {args.out} exists and is not empty")
     args.out.mkdir(parents=True, exist_ok=True)
