@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 # name -> TrainConfig overrides
-# today's student defaults at 100 epochs, spelled out (not read from config) so its rows stay what they were when the defaults move
+# the student defaults of sessions 10-14 at 100 epochs (constant rate, weights averaged over the last 10 epochs), spelled out
+# (not read from config) so its rows stay what they were when the defaults move
 _DEFAULTS_E100 = dict(reference="student", epochs=100, augment="rotate", blur_sigma=4.0, feature_norm="channel", hard_fraction=0.1,
                       level_weights="0.25,0.25,1", average_epochs=10.0, topk_fraction=0.01)
 
@@ -77,10 +78,15 @@ VARIANTS: dict[str, dict] = {
     # the student's defaults of session 9 with its weights averaged over 10 epochs (--average-epochs 10; session 10)
     "norm-hard-w025-ema10-e100": dict(reference="student", epochs=100, augment="rotate", blur_sigma=4.0, feature_norm="channel", hard_fraction=0.1,
                                       level_weights="0.25,0.25,1", average_epochs=10.0),
-    # session 12: today's defaults plus the memory as a second teacher signal at training time (--memory-target 1)
+    # session 12: those defaults plus the memory as a second teacher signal at training time (--memory-target 1)
     "defaults-mem1-e100": {**_DEFAULTS_E100, "memory_target": 1.0},
-    # session 14: today's defaults with the deeper lite1 student (same level widths as the lite0 teacher; 1.19x the pair's FLOPs)
+    # session 14: those defaults with the deeper lite1 student (same level widths as the lite0 teacher; 1.19x the pair's FLOPs)
     "defaults-lite1s-e100": {**_DEFAULTS_E100, "student_backbone": "tf_efficientnet_lite1"},
+    # session 15: session 14's defaults at a quarter of the rate (--lr 0.1), and with the rate decaying linearly over the last
+    # fifth of the epochs (--lr-schedule decay), with and without the weight average; the last is the student default since session 15
+    "defaults-lr01-e100": {**_DEFAULTS_E100, "lr": 0.1},
+    "defaults-decay-e100": {**_DEFAULTS_E100, "lr_schedule": "decay"},
+    "defaults-decay-avg0-e100": {**_DEFAULTS_E100, "lr_schedule": "decay", "average_epochs": 0.0},
     "lite1s-hard-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, hard_fraction=0.1, student_backbone="tf_efficientnet_lite1"),
     "lite1s-norm-hard-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, hard_fraction=0.1, feature_norm="channel",
                                  student_backbone="tf_efficientnet_lite1"),

@@ -102,7 +102,7 @@ def train(
     select: Optional[str] = typer.Option(None, help="checkpoint: best (lowest validation loss) or last epoch [default: best]"),
     amp: Optional[str] = typer.Option(None, help="mixed precision: off, bf16 (CPU), fp16 (CUDA), auto [default: off]"),
     cache_teacher: Optional[bool] = typer.Option(None, "--cache-teacher/--no-cache-teacher", help="compute the frozen teacher once per image [default: on]"),
-    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="student: constant (the paper), cosine (decays to 0 over --epochs) or decay (constant, then falls linearly over the last fifth of --epochs) [default: constant]"),
+    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="student: constant (the paper), cosine (decays to 0 over --epochs) or decay (constant, then falls linearly over the last fifth of --epochs) [default: decay]"),
     hard_fraction: Optional[float] = typer.Option(None, "--hard-fraction", help="student: only this share of positions with the largest distances trains it (0 = all, the paper) [default: 0.1]"),
     synthetic: Optional[float] = typer.Option(None, "--synthetic", help="student: share of each batch given a synthetic defect, where it must answer the teacher's features "
                                               "of the clean image (0 = none, the paper) [default: 0]"),
@@ -112,8 +112,8 @@ def train(
                                                "channel with statistics of the good training images and compared by their mean squared difference "
                                                "(EfficientAD), inside the exported graph [default: channel]"),
     average_epochs: Optional[float] = typer.Option(None, "--average-epochs", help="student: keep (validate, select, export) the moving average "
-                                                  "of its weights over about this many epochs instead of the trained weights (0 = none, the paper) "
-                                                  "[default: a tenth of --epochs]"),
+                                                  "of its weights over about this many epochs instead of the trained weights (0 = none, the paper; with the decaying rate "
+                                                  "the trained weights measured better) [default: 0]"),
     memory_target: Optional[float] = typer.Option(None, "--memory-target", help="student: at the deepest level also regress, with this weight, "
                                                  "the nearest good feature of the other training images (a memory used at training time only; "
                                                  "the exported graph is unchanged) (0 = none, the paper) [default: 0]"),
