@@ -160,12 +160,7 @@ def open_backends(models: list[Path], wanted: list[str] | None, threads: int, tw
             backends.append(engine_backend(path, threads, "torch-fused"))
         else:
             backends.append(engine_backend(path, threads))
-    seen: dict[str, int] = {}
-    for b in backends:  # two models of one kind: tell them apart by file name
-        seen[b.name] = seen.get(b.name, 0) + 1
-    for b in backends:
-        if seen[b.name] > 1 and "file" in b.info:
-            b.name = f"{b.name}[{Path(b.info['file']).name}]"
+    _tell_apart(backends)
     if wanted:
         names = [b.name for b in backends]
         missing = [w for w in wanted if not any(n == w or n.startswith(w) for n in names)]
@@ -179,6 +174,25 @@ def open_backends(models: list[Path], wanted: list[str] | None, threads: int, tw
     if len(geos) > 1:
         raise StfpmError(f"models have different input sizes {sorted(geos)}; compare models of one size")
     return backends
+
+
+def _tell_apart(backends: list[Backend]) -> None:
+    """Two models of one kind get their file's name in brackets, with as many parent folders as it takes to tell them
+    apart (runs/a/model.onnx and runs/b/model.onnx: a/model.onnx, b/model.onnx); a file given twice gets #2, #3."""
+    groups: dict[str, list[Backend]] = {}
+    for b in backends:
+        groups.setdefault(b.name, []).append(b)
+    for kind, group in groups.items():
+        if len(group) < 2:
+            continue
+        parts = [Path(b.info["file"]).parts if "file" in b.info else () for b in group]
+        files, depth = set(parts), 1
+        while depth < max(len(p) for p in files) and len({p[-depth:] for p in files}) < len(files):
+            depth += 1
+        labels = ["/".join(p[-depth:]) for p in parts]
+        for i, (b, label) in enumerate(zip(group, labels)):
+            repeat = labels[:i].count(label)
+            b.name = f"{kind}[{label}{f' #{repeat + 1}' if repeat else ''}]"
 
 
 def schedule(names: list[str], iters: int, warmup: int, consecutive: int = 1) -> list[tuple[str, bool]]:

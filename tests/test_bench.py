@@ -90,3 +90,22 @@ def test_a_memory_model_is_timed_next_to_the_student_pair_of_the_same_size(synth
     assert "onnxruntime-fp32" in res.output and "x the student pair of the same size" in res.output
     alone = runner.invoke(app, ["bench", str(tmp_path / "mem.onnx"), "--iters", "2", "--warmup", "0", "--no-vs-student", "--json", str(out)])
     assert alone.exit_code == 0 and set(json.loads(out.read_text())["batches"]["1"]) == {"onnxruntime-fp32"}
+
+
+def test_two_models_of_one_file_name_are_both_timed(tiny_run, tmp_path):
+    """runs/a/model.onnx and runs/b/model.onnx are two backends, not one silently dropped; a file given twice is timed twice."""
+    import shutil
+
+    from stfpm_edge.export.onnx_export import export_onnx
+
+    run_dir, _ = tiny_run
+    (tmp_path / "a").mkdir()
+    export_onnx(run_dir / "model.pt", tmp_path / "a" / "model.onnx")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    out = tmp_path / "bench.json"
+    models = [str(tmp_path / "a" / "model.onnx"), str(tmp_path / "b" / "model.onnx"), str(tmp_path / "a" / "model.onnx")]
+    res = runner.invoke(app, ["bench", *models, "--iters", "2", "--warmup", "0", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    table = json.loads(out.read_text())["batches"]["1"]
+    assert set(table) == {"onnxruntime-fp32[a/model.onnx]", "onnxruntime-fp32[b/model.onnx]", "onnxruntime-fp32[a/model.onnx #2]"}
+    assert all(e["stages"]["total"]["n"] == 2 for e in table.values())
