@@ -317,6 +317,9 @@ def test_a_new_student_takes_the_winning_levers_and_a_resumed_or_paper_run_keeps
     paper = load_config(Path(__file__).parents[1] / "configs" / "paper.yaml", dict(data=data))
     assert (paper.reference, paper.hard_fraction, paper.feature_norm, paper.level_weights) == ("student", 0.0, "none", "")
     assert (paper.topk_fraction, paper.average_epochs, paper.lr_schedule) == (0.0, 0.0, "constant")
+    quick = load_config(Path(__file__).parents[1] / "configs" / "student-quick.yaml", dict(data=data))
+    assert (quick.reference, quick.epochs, quick.batch_size, quick.lr) == ("student", 33, 16, 0.4)  # the faster schedule, on
+    assert all(getattr(quick, k) == getattr(student, k) for k in STUDENT_LEVERS)  # the student's own defaults
     # a run stored before these defaults lacks them: resumed, it keeps the paper's
     old = {k: v for k, v in paper.to_dict().items() if k not in STUDENT_LEVERS}
     resumed = load_config(None, dict(data=data), stored=old)
