@@ -90,6 +90,8 @@ VARIANTS: dict[str, dict] = {
     # session 16: the default since session 15 in a third of the time: 33 epochs, at batch 32 and at batch 16 (configs/student-quick.yaml)
     "defaults-decay-avg0-e33": {**_DEFAULTS_E100, "lr_schedule": "decay", "average_epochs": 0.0, "epochs": 33},
     "defaults-decay-avg0-e33-b16": {**_DEFAULTS_E100, "lr_schedule": "decay", "average_epochs": 0.0, "epochs": 33, "batch_size": 16},
+    # session 16: the same at 100 epochs, batch 16: the student default since session 16
+    "defaults-decay-avg0-b16-e100": {**_DEFAULTS_E100, "lr_schedule": "decay", "average_epochs": 0.0, "batch_size": 16},
     "lite1s-hard-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, hard_fraction=0.1, student_backbone="tf_efficientnet_lite1"),
     "lite1s-norm-hard-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, hard_fraction=0.1, feature_norm="channel",
                                  student_backbone="tf_efficientnet_lite1"),

@@ -80,7 +80,7 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of the options below (flags override it); see configs/"),
     out: Optional[Path] = typer.Option(None, "--out", help="run folder [default: runs/<data>-<backbone>-<time>]"),
     epochs: Optional[int] = typer.Option(None, help="training epochs of a student (--reference student) [default: 100]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="[default: 32]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per training step [default: a student's 16, a memory's 32]"),
     lr: Optional[float] = typer.Option(None, help="SGD learning rate [default: 0.4]"),
     momentum: Optional[float] = typer.Option(None, help="[default: 0.9]"),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="[default: 1e-4]"),

@@ -307,16 +307,17 @@ def test_a_new_student_takes_the_winning_levers_and_a_resumed_or_paper_run_keeps
     assert (student.hard_fraction, student.feature_norm, student.level_weights) == (0.1, "channel", "0.25,0.25,1")
     # the rate decays over the last fifth and the trained weights are kept (session 15: they beat the average once it decays)
     assert (student.topk_fraction, student.lr_schedule, student.average_epochs) == (0.01, "decay", 0.0)
+    assert student.batch_size == 16 and load_config(None, dict(data=data, reference="student", batch_size=32)).batch_size == 32  # session 16
     assert load_config(None, dict(data=data, reference="student", layers="1,2")).level_weights == "0.25,1"  # one per level
     assert load_config(None, dict(data=data, reference="student", layers="3")).level_weights == "1"
     memory = load_config(None, dict(data=data))
     assert (memory.hard_fraction, memory.feature_norm, memory.level_weights, memory.topk_fraction, memory.average_epochs) == (0.0, "none", "", 0.0, 0.0)
-    assert memory.lr_schedule == "constant"
+    assert memory.lr_schedule == "constant" and memory.batch_size == 32
     given = load_config(None, dict(data=data, reference="student", hard_fraction=0.0, level_weights="0,0,1"))
     assert (given.hard_fraction, given.feature_norm, given.level_weights) == (0.0, "channel", "0,0,1")
     paper = load_config(Path(__file__).parents[1] / "configs" / "paper.yaml", dict(data=data))
     assert (paper.reference, paper.hard_fraction, paper.feature_norm, paper.level_weights) == ("student", 0.0, "none", "")
-    assert (paper.topk_fraction, paper.average_epochs, paper.lr_schedule) == (0.0, 0.0, "constant")
+    assert (paper.topk_fraction, paper.average_epochs, paper.lr_schedule, paper.batch_size) == (0.0, 0.0, "constant", 32)
     quick = load_config(Path(__file__).parents[1] / "configs" / "student-quick.yaml", dict(data=data))
     assert (quick.reference, quick.epochs, quick.batch_size, quick.lr) == ("student", 33, 16, 0.4)  # the faster schedule, on
     assert all(getattr(quick, k) == getattr(student, k) for k in STUDENT_LEVERS)  # the student's own defaults
