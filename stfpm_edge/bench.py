@@ -98,7 +98,8 @@ def reference_backend(path: Path, threads: int) -> Backend:
             maps = amap[:, 0].numpy()
         return maps, maps.reshape(len(maps), -1).max(axis=1)  # the raw map and the paper's max: no post-processing
 
-    return Backend("torch-reference", geo, meta["threshold"]["image"], preprocess, infer, flops_per_frame(model, geo.height, geo.width))
+    return Backend("torch-reference", geo, meta["threshold"]["image"], preprocess, infer, flops_per_frame(model, geo.height, geo.width),
+                   info={"file": str(path), "engine": "torch-reference", "reference": "student"})
 
 
 def engine_backend(path: Path, threads: int, name: str | None = None) -> Backend:
@@ -247,6 +248,7 @@ def run_benchmark(backends: list[Backend], frames: list[np.ndarray], batch_sizes
             entry = {"stages": st, "fps": fps, "latency_ms_per_frame_p50": st["total"]["p50"] / bs, "raw_total_ms": samples[name]["total"]}
             if flops:
                 entry["gflops_per_s"] = flops * bs / (st["inference"]["p50"] / 1e3) / 1e9
+            entry["reference"] = by_name[name].info.get("reference")  # student or memory: what vs_student_lines compares
             table[name] = entry
         ref = table.get("torch-reference")
         for entry in table.values():
@@ -384,17 +386,26 @@ def benchmark_models(models: list[Path], wanted: list[str] | None, batch_sizes: 
 
 
 def vs_student_lines(results: dict[str, Any]) -> list[str]:
-    """'NAME: X ms per frame = R x the student of the same size' for every backend, when a student row is there."""
+    """'NAME: X ms per frame = R x the student pair (BASE, Y ms)' for every memory model, when a student row is there.
+
+    Rows are told apart by the reference their model holds, not by file names. A memory row is
+    compared with a student row of its own kind (engine and precision: ``onnxruntime-fp32`` with
+    ``onnxruntime-fp32[...]``), else with the student pair timed for it (``student_twin``), else
+    with the first student row, which the line names.
+    """
     lines = []
     for bs, table in results["batches"].items():
-        student = table.get(STUDENT_TWIN) or next((e for n, e in table.items() if n.startswith("onnxruntime") and "student" in n), None)
-        if student is None:
-            continue
-        base = student["latency_ms_per_frame_p50"]
+        students = [n for n, e in table.items() if e.get("reference") == "student"]
         for name, e in table.items():
-            if name != STUDENT_TWIN:
-                lines.append(f"batch {bs}: {name} {e['latency_ms_per_frame_p50']:.1f} ms per frame = {e['latency_ms_per_frame_p50'] / base:.2f}x "
-                             f"the student pair of the same size ({base:.1f} ms)")
+            if e.get("reference") != "memory":
+                continue
+            kind = name.split("[")[0]
+            base = next((n for n in students if n.split("[")[0] == kind), STUDENT_TWIN if STUDENT_TWIN in table else None)
+            base = base or (students[0] if students else None)
+            if base is None:
+                continue
+            ms, base_ms = e["latency_ms_per_frame_p50"], table[base]["latency_ms_per_frame_p50"]
+            lines.append(f"batch {bs}: {name} {ms:.1f} ms per frame = {ms / base_ms:.2f}x the student pair of the same size ({base}, {base_ms:.1f} ms)")
     return lines
 
 

@@ -109,3 +109,30 @@ def test_two_models_of_one_file_name_are_both_timed(tiny_run, tmp_path):
     table = json.loads(out.read_text())["batches"]["1"]
     assert set(table) == {"onnxruntime-fp32[a/model.onnx]", "onnxruntime-fp32[b/model.onnx]", "onnxruntime-fp32[a/model.onnx #2]"}
     assert all(e["stages"]["total"]["n"] == 2 for e in table.values())
+
+
+def test_a_memory_is_compared_with_the_student_given_beside_it_whatever_the_file_names(synthetic_mvtec, tiny_run, tmp_path):
+    """mem/model.onnx and stu/model.onnx: the memory row's ratio is taken against the given student row (found by the
+    reference each model holds, no 'student' in any name), and no student pair is built for it."""
+    from stfpm_edge.config import load_config
+    from stfpm_edge.export.onnx_export import export_onnx
+    from stfpm_edge.train import train
+
+    cfg = load_config(None, dict(data=str(synthetic_mvtec), out=str(tmp_path / "mem-run"), height=64, width=64, reference="memory",
+                                 bank_size="400", memory_pool="2,1,1", threads=1, overlays=0))
+    mem_dir, _ = train(cfg, progress=False)
+    for folder, run in (("mem", mem_dir), ("stu", tiny_run[0])):
+        (tmp_path / folder).mkdir()
+        export_onnx(run / "model.pt", tmp_path / folder / "model.onnx")
+    out = tmp_path / "bench.json"
+    res = runner.invoke(app, ["bench", str(tmp_path / "mem" / "model.onnx"), str(tmp_path / "stu" / "model.onnx"), "--iters", "3",
+                              "--warmup", "1", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    table = json.loads(out.read_text())["batches"]["1"]
+    assert set(table) == {"onnxruntime-fp32[mem/model.onnx]", "onnxruntime-fp32[stu/model.onnx]"}
+    assert table["onnxruntime-fp32[mem/model.onnx]"]["reference"] == "memory" and table["onnxruntime-fp32[stu/model.onnx]"]["reference"] == "student"
+    ratio = table["onnxruntime-fp32[mem/model.onnx]"]["latency_ms_per_frame_p50"] / table["onnxruntime-fp32[stu/model.onnx]"]["latency_ms_per_frame_p50"]
+    lines = [line for line in res.output.splitlines() if "x the student pair" in line]
+    assert lines == [f"batch 1: onnxruntime-fp32[mem/model.onnx] {table['onnxruntime-fp32[mem/model.onnx]']['latency_ms_per_frame_p50']:.1f} ms per frame = "
+                     f"{ratio:.2f}x the student pair of the same size (onnxruntime-fp32[stu/model.onnx], "
+                     f"{table['onnxruntime-fp32[stu/model.onnx]']['latency_ms_per_frame_p50']:.1f} ms)"]
