@@ -31,6 +31,8 @@ import numpy as np
 # (not read from config) so its rows stay what they were when the defaults move
 _DEFAULTS_E100 = dict(reference="student", epochs=100, augment="rotate", blur_sigma=4.0, feature_norm="channel", hard_fraction=0.1,
                       level_weights="0.25,0.25,1", average_epochs=10.0, topk_fraction=0.01)
+# the student defaults of session 15 (the rate decaying over the last fifth, the trained weights kept), at 100 epochs and batch 32
+_DECAY_E100 = {**_DEFAULTS_E100, "lr_schedule": "decay", "average_epochs": 0.0}
 
 VARIANTS: dict[str, dict] = {
     "base-e30": dict(reference="student", epochs=30),
@@ -86,12 +88,12 @@ VARIANTS: dict[str, dict] = {
     # fifth of the epochs (--lr-schedule decay), with and without the weight average; the last is the student default since session 15
     "defaults-lr01-e100": {**_DEFAULTS_E100, "lr": 0.1},
     "defaults-decay-e100": {**_DEFAULTS_E100, "lr_schedule": "decay"},
-    "defaults-decay-avg0-e100": {**_DEFAULTS_E100, "lr_schedule": "decay", "average_epochs": 0.0},
+    "defaults-decay-avg0-e100": _DECAY_E100,
     # session 16: the default since session 15 in a third of the time: 33 epochs, at batch 32 and at batch 16 (configs/student-quick.yaml)
-    "defaults-decay-avg0-e33": {**_DEFAULTS_E100, "lr_schedule": "decay", "average_epochs": 0.0, "epochs": 33},
-    "defaults-decay-avg0-e33-b16": {**_DEFAULTS_E100, "lr_schedule": "decay", "average_epochs": 0.0, "epochs": 33, "batch_size": 16},
+    "defaults-decay-avg0-e33": {**_DECAY_E100, "epochs": 33},
+    "defaults-decay-avg0-e33-b16": {**_DECAY_E100, "epochs": 33, "batch_size": 16},
     # session 16: the same at 100 epochs, batch 16: the student default since session 16
-    "defaults-decay-avg0-b16-e100": {**_DEFAULTS_E100, "lr_schedule": "decay", "average_epochs": 0.0, "batch_size": 16},
+    "defaults-decay-avg0-b16-e100": {**_DECAY_E100, "batch_size": 16},
     "lite1s-hard-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, hard_fraction=0.1, student_backbone="tf_efficientnet_lite1"),
     "lite1s-norm-hard-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, hard_fraction=0.1, feature_norm="channel",
                                  student_backbone="tf_efficientnet_lite1"),
