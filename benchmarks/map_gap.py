@@ -67,6 +67,7 @@ def main() -> None:
     from stfpm_edge.datasets import discover
     from stfpm_edge.engines.torch_engine import TorchEngine
     from stfpm_edge.evaluate import TestSet, predict
+    from stfpm_edge.metrics import pixel_pairs
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoints", type=Path, nargs="+", help="model.pt of trained runs on the category of --data")
@@ -85,17 +86,16 @@ def main() -> None:
         engine = TorchEngine.from_model(model, meta)
         if test is None or test.images.shape[1:3] != (engine.geometry.height, engine.geometry.width):
             test = TestSet.load(samples, engine.geometry, False)
-        sel = test.has_mask.astype(bool)
-        valid = np.ones(test.masks[sel].shape, bool) if test.valid is None else test.valid[sel]
-        defects = [s.defect for s, keep in zip(samples, sel) if keep]
+        defects = [s.defect for s, keep in zip(samples, test.has_mask) if keep]
         own = model.post
         for weights in [None, *weight_sets]:
             label = path.parent.name
             if weights is not None:
                 model.set_post(dataclasses.replace(own, level_weights=weights))
                 label += " weights " + ",".join(f"{w:g}" for w in weights)
-            maps, _ = predict(engine.infer, test.images[sel])
-            rows.append((label, readings(maps, test.masks[sel], valid, defects, rings)))
+            maps, _ = predict(engine.infer, test.images)
+            _, _, (labelled, masks, valid) = pixel_pairs(maps, test.masks, test.has_mask, test.valid)  # the protocol's pixel selection
+            rows.append((label, readings(labelled, masks, valid, defects, rings)))
     names = list(rows[0][1])
     print("| run | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
