@@ -50,7 +50,7 @@ def main() -> None:
     def auroc(m: np.ndarray) -> str:
         return f"{roc_auc_score(labels, m.reshape(len(labels), -1).max(axis=1)):.3f}"
 
-    print(f"{args.checkpoint} (metric {model.metric}, blur {model.post.blur_sigma}, pool {pools or 'none'}): image AUROC of the map's maximum")
+    print(f"{args.checkpoint} (metric {'/'.join(model.metric)}, blur {model.post.blur_sigma}, pool {pools or 'none'}): image AUROC of the map's maximum")
     for k, m in enumerate(maps):
         print(f"  level {k} alone: {auroc(m)}")
     print(f"  product of all (deployed): {auroc(np.prod(maps, axis=0))} | sum: {auroc(np.sum(maps, axis=0))}")
@@ -73,7 +73,7 @@ def level_maps(model, images, geo, pools: list[int]) -> list[np.ndarray]:
             for k, (a, b) in enumerate(zip(t, s)):
                 if k < len(pools) and pools[k] > 1:
                     a, b = F.avg_pool2d(a, pools[k]), F.avg_pool2d(b, pools[k])
-                d = combine_levels([METRICS[model.metric](a.float(), b.float())], (geo.height, geo.width))  # one level: the model's upsampling
+                d = combine_levels([METRICS[model.metric[k]](a.float(), b.float())], (geo.height, geo.width))  # one level: the model's upsampling
                 if kernel is not None:
                     d = blur_map(d, kernel)
                 if len(levels) <= k:

@@ -70,8 +70,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, meta = load_checkpoint(args.checkpoint)
-    if not isinstance(model.teacher, FeatureNorm):
-        raise SystemExit(f"{args.checkpoint}: not a standardised student (--feature-norm channel); nothing to map back")
+    if not isinstance(model.teacher, FeatureNorm) or len(model.teacher.standardised) != len(model.metric):
+        raise SystemExit(f"{args.checkpoint}: not a student standardised at every level (--feature-norm channel); nothing to map back")
     model.eval()
     g = meta["geometry"]
     geo = Geometry(g["height"], g["width"], g["resize"])

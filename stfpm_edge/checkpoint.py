@@ -15,7 +15,7 @@ import torch
 from . import __version__
 from .errors import ModelFileError, StfpmError
 from .fileio import atomic_write_bytes
-from .model import STFPM, FeatureNorm, MapPost, MemoryBank, MemorySearch, create_student
+from .model import STANDARDISED_LEVELS, STFPM, FeatureNorm, MapPost, MemoryBank, MemorySearch, create_student
 
 FORMAT = "stfpm-edge/checkpoint/1"
 
@@ -65,8 +65,12 @@ def load_checkpoint(path: str | Path) -> tuple[STFPM, dict[str, Any]]:
     name = meta["backbone"]
     layers = meta.get("layers")  # absent in checkpoints from before levels were an option
     teacher = backbones.create_features(name, layers)
-    if meta.get("feature_norm", "none") == "channel":  # standardised teacher levels: the statistics are in its state
-        teacher = FeatureNorm.empty(teacher)
+    norm = meta.get("feature_norm", "none")
+    if norm != "none":  # standardised teacher levels: the statistics are in its state
+        if norm not in STANDARDISED_LEVELS:
+            raise ModelFileError(f"{path}: feature_norm {norm!r} is not one this version knows ({', '.join(STANDARDISED_LEVELS)}); "
+                                 "a newer stfpm-edge wrote it")
+        teacher = FeatureNorm.empty(teacher, STANDARDISED_LEVELS[norm])
     try:
         teacher.load_state_dict(payload["teacher"])
         if "memory" in payload:  # --reference memory: the teacher's good features instead of a student

@@ -108,9 +108,10 @@ def train(
                                               "of the clean image (0 = none, the paper) [default: 0]"),
     student_backbone: Optional[str] = typer.Option(None, "--student-backbone", help="student: its network, random weights; it must give the teacher's level "
                                                    "widths (a tf_efficientnet_lite1 student is a deeper one for the lite0 teacher) [default: the teacher's]"),
-    feature_norm: Optional[str] = typer.Option(None, "--feature-norm", help="student: none (the paper) or channel: the teacher's features standardised per "
+    feature_norm: Optional[str] = typer.Option(None, "--feature-norm", help="student: none (the paper); channel: the teacher's features standardised per "
                                                "channel with statistics of the good training images and compared by their mean squared difference "
-                                               "(EfficientAD), inside the exported graph [default: channel]"),
+                                               "(EfficientAD), inside the exported graph; deep: only the deepest level standardised, the finer "
+                                               "ones raw and compared by the paper's cosine [default: channel]"),
     average_epochs: Optional[float] = typer.Option(None, "--average-epochs", help="student: keep (validate, select, export) the moving average "
                                                   "of its weights over about this many epochs instead of the trained weights (0 = none, the paper; with the decaying rate "
                                                   "the trained weights measured better) [default: 0]"),

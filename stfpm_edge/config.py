@@ -194,7 +194,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if not 0.0 <= cfg.hard_fraction < 1.0 or not 0.0 <= cfg.synthetic <= 1.0:
         raise StfpmError(f"config: hard_fraction must be in [0, 1) and synthetic in [0, 1], got {cfg.hard_fraction} and {cfg.synthetic}")
     for name, allowed in (("augment", AUGMENTS), ("amp", AMP_MODES), ("select", ("best", "last")), ("reference", REFERENCES),
-                          ("lr_schedule", LR_SCHEDULES), ("feature_norm", FEATURE_NORMS)):
+                          ("lr_schedule", LR_SCHEDULES), ("feature_norm", feature_norms())):
         if getattr(cfg, name) not in allowed:
             raise StfpmError(f"config: {name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
     for name, off in (("student_backbone", ""), ("feature_norm", "none"), ("average_epochs", 0.0), ("memory_target", 0.0)):
@@ -214,7 +214,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 AUGMENTS = ("none", "flip", "rot90", "rotate")
 AMP_MODES = ("off", "bf16", "fp16", "auto")
 LR_SCHEDULES = ("constant", "cosine", "decay")
-FEATURE_NORMS = ("none", "channel")
+
+
+def feature_norms() -> tuple[str, ...]:
+    """--feature-norm's choices: none, or a name of model.STANDARDISED_LEVELS (imported here, not at the top: it loads torch)."""
+    from .model import STANDARDISED_LEVELS
+
+    return ("none", *STANDARDISED_LEVELS)
 
 
 def parse_layers(text: str) -> tuple[int, ...] | None:

@@ -32,18 +32,27 @@ def squared_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 METRICS = {"cosine": feature_distance, "l2": squared_distance}
 
 
+def level_metrics(metric: str | Sequence[str], levels: int) -> tuple[str, ...]:
+    """One metric name per level: a single name stands for every level, a sequence names each."""
+    names = (metric,) * levels if isinstance(metric, str) else tuple(metric)
+    if len(names) != levels or any(n not in METRICS for n in names):
+        raise StfpmError(f"metrics {list(names)} for {levels} feature levels; give one of {', '.join(METRICS)} per level")
+    return names
+
+
 def stfpm_loss(t_feats: Sequence[torch.Tensor], s_feats: Sequence[torch.Tensor], hard_fraction: float = 0.0,
-               metric: str = "cosine") -> torch.Tensor:
+               metric: str | Sequence[str] = "cosine") -> torch.Tensor:
     """The paper's loss: per-position distance averaged over positions and batch, summed over levels.
 
     ``hard_fraction`` > 0: per level, only that fraction of the batch's positions with the largest
     distances contributes (EfficientAD's hard-feature loss: the student spends its capacity on the
     normal variation it does not yet fit, not on the positions it already matches). ``metric``:
-    the per-position distance (``METRICS``; the paper's cosine, or l2 for standardised levels).
+    the per-position distance (``METRICS``; the paper's cosine, or l2 for standardised levels), one
+    name for all levels or one per level (``level_metrics``).
     """
     total = 0.0
-    for t, s in zip(t_feats, s_feats):
-        d = METRICS[metric](t, s)
+    for t, s, name in zip(t_feats, s_feats, level_metrics(metric, len(t_feats))):
+        d = METRICS[name](t, s)
         if hard_fraction > 0:
             flat = d.flatten()
             d = flat.topk(max(1, math.ceil(hard_fraction * flat.numel())), sorted=False).values
@@ -51,12 +60,13 @@ def stfpm_loss(t_feats: Sequence[torch.Tensor], s_feats: Sequence[torch.Tensor],
     return total
 
 
-def anomaly_map(t_feats: Sequence[torch.Tensor], s_feats: Sequence[torch.Tensor], size: tuple[int, int], metric: str = "cosine",
-                weights: Sequence[float] = ()) -> torch.Tensor:
-    """Each level's teacher-student distance (``metric``), combined by ``combine_levels``."""
+def anomaly_map(t_feats: Sequence[torch.Tensor], s_feats: Sequence[torch.Tensor], size: tuple[int, int],
+                metric: str | Sequence[str] = "cosine", weights: Sequence[float] = ()) -> torch.Tensor:
+    """Each level's teacher-student distance (``metric``: one for all levels or one per level), combined by ``combine_levels``."""
+    names = level_metrics(metric, len(t_feats))
     keep = range(len(t_feats)) if not weights else [k for k, w in enumerate(weights) if w > 0]
     chosen = [weights[k] for k in keep] if weights else ()
-    return combine_levels([METRICS[metric](t_feats[k], s_feats[k]) for k in keep], size, chosen)
+    return combine_levels([METRICS[names[k]](t_feats[k], s_feats[k]) for k in keep], size, chosen)
 
 
 def combine_levels(distances: Sequence[torch.Tensor], size: tuple[int, int], weights: Sequence[float] = ()) -> torch.Tensor:
@@ -127,8 +137,13 @@ def memory_rows(t_feats: Sequence[torch.Tensor], search: MemorySearch) -> list[t
     return out
 
 
+# --feature-norm: which teacher levels FeatureNorm standardises (its ``levels``; None = all). "deep": only the deepest,
+# the finer ones raw and compared by the paper's cosine (checkpoint metadata "feature_norm" names the entry)
+STANDARDISED_LEVELS: dict[str, tuple[int, ...] | None] = {"channel": None, "deep": (-1,)}
+
+
 class FeatureNorm(nn.Module):
-    """A feature pyramid whose every level is standardised per channel with good-image statistics.
+    """A feature pyramid whose levels (all, or the ones named) are standardised per channel with good-image statistics.
 
     ``(f - mean) / std`` per channel and level, the statistics taken from the teacher's features of
     the good training images (``channel_stats``): every channel's spread on good images counts
@@ -137,29 +152,31 @@ class FeatureNorm(nn.Module):
     Standardised levels are compared by ``metric`` l2, the mean squared difference (EfficientAD's):
     a feature near the good mean is near zero once standardised, and the cosine of a near-zero
     vector is noise (measured on screw, cosine on standardised levels: image AUROC 0.086, the
-    ranking inverted). ``feature_info`` is the wrapped network's, so the wrapper stands wherever
-    the network did.
+    ranking inverted). A level left raw (``levels`` names the others) keeps the paper's cosine.
+    ``metrics`` is one name per level. ``feature_info`` is the wrapped network's, so the wrapper
+    stands wherever the network did.
     """
 
-    metric = "l2"
-
-    def __init__(self, net: nn.Module, means: Sequence[torch.Tensor], stds: Sequence[torch.Tensor]):
+    def __init__(self, net: nn.Module, means: Sequence[torch.Tensor], stds: Sequence[torch.Tensor], levels: Sequence[int] | None = None):
         super().__init__()
         self.net = net
         self.feature_info = net.feature_info
-        self.levels = len(means)
-        for k, (m, sd) in enumerate(zip(means, stds)):
-            self.register_buffer(f"mean{k}", m.float().reshape(1, -1, 1, 1).clone())
-            self.register_buffer(f"inv_std{k}", (1.0 / sd.float()).reshape(1, -1, 1, 1).clone())
+        count = len(means)
+        self.standardised = tuple(range(count)) if levels is None else tuple(sorted({k % count for k in levels}))
+        self.metrics = tuple("l2" if k in self.standardised else "cosine" for k in range(count))
+        for k in self.standardised:  # buffers only where used: a raw level costs nothing in the graph
+            self.register_buffer(f"mean{k}", means[k].float().reshape(1, -1, 1, 1).clone())
+            self.register_buffer(f"inv_std{k}", (1.0 / stds[k].float()).reshape(1, -1, 1, 1).clone())
 
     @classmethod
-    def empty(cls, net: nn.Module) -> "FeatureNorm":
+    def empty(cls, net: nn.Module, levels: Sequence[int] | None = None) -> "FeatureNorm":
         """Placeholder statistics of the right shapes, to be overwritten by ``load_state_dict``."""
         chans = list(net.feature_info.channels())
-        return cls(net, [torch.zeros(c) for c in chans], [torch.ones(c) for c in chans])
+        return cls(net, [torch.zeros(c) for c in chans], [torch.ones(c) for c in chans], levels)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [(f - getattr(self, f"mean{k}")) * getattr(self, f"inv_std{k}") for k, f in enumerate(self.net(x))]
+        return [(f - getattr(self, f"mean{k}")) * getattr(self, f"inv_std{k}") if k in self.standardised else f
+                for k, f in enumerate(self.net(x))]
 
 
 # a channel whose spread on good images is below this share of the level's median spread is scaled as if it had that
@@ -344,9 +361,9 @@ class STFPM(nn.Module):
         self.register_buffer("in_shift", -mean / std, persistent=False)
 
     @property
-    def metric(self) -> str:
-        """The per-position distance of this pair: the paper's cosine, or l2 for a standardised teacher (``FeatureNorm``)."""
-        return getattr(self.teacher, "metric", "cosine")
+    def metric(self) -> tuple[str, ...]:
+        """The per-position distance of this pair, one per level: the paper's cosine, or l2 at a standardised level (``FeatureNorm``)."""
+        return getattr(self.teacher, "metrics", None) or ("cosine",) * len(self.teacher.feature_info.channels())
 
     def set_post(self, post: MapPost) -> None:
         """Change the map post-processing (smoothing, level weights, score aggregation) in place."""

@@ -22,7 +22,7 @@ from .errors import StfpmError
 from .evaluate import evaluate, predict, write_outputs
 from .fileio import atomic_write_json, sha256_file
 from .geometry import Geometry
-from .model import STFPM, FeatureNorm, MapPost, MemoryBank, MemorySearch, channel_stats, check_level_count, greedy_coreset, memory_rows, stfpm_loss
+from .model import STANDARDISED_LEVELS, STFPM, FeatureNorm, MapPost, MemoryBank, MemorySearch, channel_stats, check_level_count, greedy_coreset, memory_rows, stfpm_loss
 from .store import TrainingStore
 from .thresholds import normal_statistics, threshold_from_normal
 
@@ -226,7 +226,7 @@ def run_epoch(model: STFPM, images: np.ndarray, cache: TeacherCache | None, opti
         teacher_loss = stfpm_loss([f.float() for f in t], [f.float() for f in s], cfg.hard_fraction, model.metric)
         loss = teacher_loss
         if memory is not None:
-            memory_loss = stfpm_loss([memory.nearest(t[-1], idx)], [s[-1].float()], cfg.hard_fraction, model.metric)
+            memory_loss = stfpm_loss([memory.nearest(t[-1], idx)], [s[-1].float()], cfg.hard_fraction, model.metric[-1:])
             loss = loss + cfg.memory_target * memory_loss
             memory_losses.append(memory_loss.item())
         optimizer.zero_grad(set_to_none=True)
@@ -344,8 +344,8 @@ def _prepare(cfg: TrainConfig, resume: bool, progress: bool, store: TrainingStor
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model = STFPM.build(cfg.backbone, cfg.teacher_weights, layers=layers, post=post, student_backbone=cfg.student_backbone or None).to(device)
-    if cfg.feature_norm == "channel":  # before anything reads the teacher: the cache and the student's targets see standardised levels
-        model.teacher = FeatureNorm(model.teacher, *teacher_stats(model, train_imgs, cfg.batch_size))
+    if cfg.feature_norm != "none":  # before anything reads the teacher: the cache and the student's targets see standardised levels
+        model.teacher = FeatureNorm(model.teacher, *teacher_stats(model, train_imgs, cfg.batch_size), STANDARDISED_LEVELS[cfg.feature_norm])
     use_cache = cfg.cache_teacher and cfg.augment == "none" and cfg.reference == "student"
     cache_train = TeacherCache(model, train_imgs, cfg.batch_size, store, "train") if use_cache else None
     # validation images are never augmented; a memory bank has nothing to select

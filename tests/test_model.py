@@ -194,7 +194,7 @@ def test_a_standardised_teacher_makes_the_map_the_mean_squared_difference():
     chans = list(teacher.feature_info.channels())
     norm = FeatureNorm(teacher, [torch.randn(c) for c in chans], [torch.rand(c) + 0.5 for c in chans])
     pair = STFPM("tf_efficientnet_lite0", norm, create_features("tf_efficientnet_lite0")).eval()
-    assert pair.metric == "l2" and STFPM("tf_efficientnet_lite0", teacher, pair.student).metric == "cosine"
+    assert pair.metric == ("l2",) * 3 and STFPM("tf_efficientnet_lite0", teacher, pair.student).metric == ("cosine",) * 3
     frames = torch.randint(0, 255, (1, 64, 64, 3), dtype=torch.uint8)
     with torch.no_grad():
         amap, _ = pair(frames)
@@ -203,3 +203,35 @@ def test_a_standardised_teacher_makes_the_map_the_mean_squared_difference():
         t_std = [(f - getattr(norm, f"mean{k}")) * getattr(norm, f"inv_std{k}") for k, f in enumerate(raw)]
         by_hand = anomaly_map(t_std, pair.student(x), (64, 64), "l2")
     assert torch.allclose(amap, by_hand, rtol=1e-5, atol=1e-6)
+
+
+def test_a_teacher_standardised_at_its_deepest_level_only_keeps_the_cosine_at_the_finer_ones():
+    from stfpm_edge.backbones import create_features
+    from stfpm_edge.errors import StfpmError
+    from stfpm_edge.model import STANDARDISED_LEVELS, STFPM, FeatureNorm, feature_distance, squared_distance
+
+    torch.manual_seed(0)
+    teacher = create_features("tf_efficientnet_lite0").eval()
+    chans = list(teacher.feature_info.channels())
+    means, stds = [torch.randn(c) for c in chans], [torch.rand(c) + 0.5 for c in chans]
+    norm = FeatureNorm(teacher, means, stds, STANDARDISED_LEVELS["deep"])
+    assert norm.metrics == ("cosine", "cosine", "l2") and sorted(dict(norm.named_buffers(recurse=False))) == ["inv_std2", "mean2"]
+    pair = STFPM("tf_efficientnet_lite0", norm, create_features("tf_efficientnet_lite0")).eval()
+    assert pair.metric == ("cosine", "cosine", "l2")
+    frames = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        amap, _ = pair(frames)
+        x = pair.normalize(frames)
+        raw, s = teacher(x), pair.student(x)
+        t = norm(x)
+        assert torch.equal(t[0], raw[0]) and torch.equal(t[1], raw[1])
+        assert torch.allclose(t[2], (raw[2] - means[2].view(1, -1, 1, 1)) / stds[2].view(1, -1, 1, 1), rtol=1e-5, atol=1e-5)
+        up = [torch.nn.functional.interpolate(d, size=(64, 64), mode="bilinear", align_corners=False)
+              for d in (feature_distance(raw[0], s[0]), feature_distance(raw[1], s[1]), squared_distance(t[2], s[2]))]
+        by_hand = up[0] * up[1] * up[2]
+        loss = stfpm_loss(t, s, metric=pair.metric)
+    assert torch.allclose(amap, by_hand, rtol=1e-5, atol=1e-7)
+    assert loss.item() == pytest.approx(sum(float(d.mean()) for d in (feature_distance(raw[0], s[0]), feature_distance(raw[1], s[1]),
+                                                                      squared_distance(t[2], s[2]))), rel=1e-5)
+    with pytest.raises(StfpmError, match="one of cosine, l2 per level"):
+        anomaly_map(t, s, (64, 64), ("cosine", "l2"))

@@ -107,6 +107,23 @@ def test_resume_continues_and_matches_uninterrupted_run(synthetic_mvtec, tmp_pat
         train(make(synthetic_mvtec, tmp_path / "resumed", epochs=2), resume=True, progress=False)
 
 
+def test_a_student_standardised_at_the_deepest_level_only_reloads_and_exports_as_one_graph(synthetic_mvtec, tmp_path):
+    from stfpm_edge.export.onnx_export import export_onnx, parity_ok, verify_export
+    from stfpm_edge.model import FeatureNorm
+
+    run_dir, _ = train(_cfg(synthetic_mvtec, tmp_path / "run", epochs=1, feature_norm="deep"), progress=False)
+    model, meta = load_checkpoint(run_dir / "model.pt")
+    assert meta["feature_norm"] == "deep" and isinstance(model.teacher, FeatureNorm)
+    assert model.metric == ("cosine", "cosine", "l2") and model.teacher.standardised == (2,)
+    x = model.normalize(torch.randint(0, 255, (1, 64, 64, 3), dtype=torch.uint8))
+    with torch.inference_mode():
+        std, raw = model.teacher(x), model.teacher.net(x)
+    assert torch.equal(std[0], raw[0]) and not torch.allclose(std[2], raw[2])
+    export_onnx(run_dir / "model.pt", tmp_path / "m.onnx")
+    ok, problems = parity_ok(verify_export(tmp_path / "m.onnx", run_dir / "model.pt", synthetic_mvtec, progress=False))
+    assert ok, problems
+
+
 def test_a_feature_normalised_deeper_student_standardises_the_teacher_and_exports_as_one_graph(synthetic_mvtec, tmp_path):
     from stfpm_edge.datasets import discover, heldout_splits
     from stfpm_edge.export.onnx_export import export_onnx, parity_ok, verify_export
