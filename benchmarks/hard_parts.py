@@ -94,6 +94,10 @@ VARIANTS: dict[str, dict] = {
     "defaults-decay-avg0-e33-b16": {**_DECAY_E100, "epochs": 33, "batch_size": 16},
     # session 16: the same at 100 epochs, batch 16: the student default since session 16
     "defaults-decay-avg0-b16-e100": {**_DECAY_E100, "batch_size": 16},
+    # session 18: only the deepest level standardised, the finer ones raw and by the cosine: the student default since
+    # session 18, at 100 and at 33 epochs
+    "defaults-deep-b16-e100": {**_DECAY_E100, "batch_size": 16, "feature_norm": "deep"},
+    "defaults-deep-b16-e33": {**_DECAY_E100, "batch_size": 16, "feature_norm": "deep", "epochs": 33},
     "lite1s-hard-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, hard_fraction=0.1, student_backbone="tf_efficientnet_lite1"),
     "lite1s-norm-hard-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, hard_fraction=0.1, feature_norm="channel",
                                  student_backbone="tf_efficientnet_lite1"),

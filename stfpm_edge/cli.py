@@ -111,7 +111,7 @@ def train(
     feature_norm: Optional[str] = typer.Option(None, "--feature-norm", help="student: none (the paper); channel: the teacher's features standardised per "
                                                "channel with statistics of the good training images and compared by their mean squared difference "
                                                "(EfficientAD), inside the exported graph; deep: only the deepest level standardised, the finer "
-                                               "ones raw and compared by the paper's cosine [default: channel]"),
+                                               "ones raw and compared by the paper's cosine [default: deep]"),
     average_epochs: Optional[float] = typer.Option(None, "--average-epochs", help="student: keep (validate, select, export) the moving average "
                                                   "of its weights over about this many epochs instead of the trained weights (0 = none, the paper; with the decaying rate "
                                                   "the trained weights measured better) [default: 0]"),

@@ -321,7 +321,7 @@ def test_old_configs_with_boolean_augment_still_load(synthetic_mvtec, tmp_path):
 def test_a_new_student_takes_the_winning_levers_and_a_resumed_or_paper_run_keeps_its_own(synthetic_mvtec):
     data = str(synthetic_mvtec)
     student = load_config(None, dict(data=data, reference="student"))
-    assert (student.hard_fraction, student.feature_norm, student.level_weights) == (0.1, "channel", "0.25,0.25,1")
+    assert (student.hard_fraction, student.feature_norm, student.level_weights) == (0.1, "deep", "0.25,0.25,1")
     # the rate decays over the last fifth and the trained weights are kept (session 15: they beat the average once it decays)
     assert (student.topk_fraction, student.lr_schedule, student.average_epochs) == (0.01, "decay", 0.0)
     assert student.batch_size == 16 and load_config(None, dict(data=data, reference="student", batch_size=32)).batch_size == 32  # session 16
@@ -331,7 +331,7 @@ def test_a_new_student_takes_the_winning_levers_and_a_resumed_or_paper_run_keeps
     assert (memory.hard_fraction, memory.feature_norm, memory.level_weights, memory.topk_fraction, memory.average_epochs) == (0.0, "none", "", 0.0, 0.0)
     assert memory.lr_schedule == "constant" and memory.batch_size == 32
     given = load_config(None, dict(data=data, reference="student", hard_fraction=0.0, level_weights="0,0,1"))
-    assert (given.hard_fraction, given.feature_norm, given.level_weights) == (0.0, "channel", "0,0,1")
+    assert (given.hard_fraction, given.feature_norm, given.level_weights) == (0.0, "deep", "0,0,1")
     paper = load_config(Path(__file__).parents[1] / "configs" / "paper.yaml", dict(data=data))
     assert (paper.reference, paper.hard_fraction, paper.feature_norm, paper.level_weights) == ("student", 0.0, "none", "")
     assert (paper.topk_fraction, paper.average_epochs, paper.lr_schedule, paper.batch_size) == (0.0, 0.0, "constant", 32)
