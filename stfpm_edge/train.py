@@ -49,22 +49,27 @@ def default_run_dir(cfg: TrainConfig, name: str) -> Path:
 class TeacherCache:
     """The frozen teacher's features for a fixed set of images, computed once (no augmentation).
 
-    Kept in record files of the training store (FP32, exact), read back batch by batch.
+    Kept in record files of the training store (FP32, exact), read back batch by batch in the memory layout the
+    teacher gave (channels-last): a distance summed over channels in another layout sums in another order, and the
+    last-bit differences, amplified by training, would make a cached run differ from an uncached one.
     """
 
     def __init__(self, model: STFPM, images, batch_size: int, store: TrainingStore, name: str):
         self.device = next(model.parameters()).device
         self.levels: list = []
+        self.channels_last: list[bool] = []
         with torch.inference_mode():
             for feats in teacher_batches(model, images, batch_size):
                 if not self.levels:
                     self.levels = [store.records(f"{name}-teacher{k}", f.shape[1:], np.float32) for k, f in enumerate(feats)]
+                    self.channels_last = [f.dim() == 4 and f.is_contiguous(memory_format=torch.channels_last) for f in feats]
                 for rec, f in zip(self.levels, feats):
                     rec.append(f.float().cpu().numpy())
 
     def __getitem__(self, idx: torch.Tensor) -> list[torch.Tensor]:
         rows = np.asarray(idx)
-        return [torch.from_numpy(rec[rows]).to(self.device) for rec in self.levels]
+        out = [torch.from_numpy(rec[rows]).to(self.device) for rec in self.levels]
+        return [f.contiguous(memory_format=torch.channels_last) if last else f for f, last in zip(out, self.channels_last)]
 
 
 def teacher_batches(model: STFPM, images, batch_size: int):
