@@ -167,7 +167,7 @@ def post_variant(data: Path, out_root: Path, name: str, variants: dict[str, dict
     from stfpm_edge.engines.torch_engine import TorchEngine
     from stfpm_edge.evaluate import evaluate, predict
     from stfpm_edge.model import MapPost
-    from stfpm_edge.thresholds import threshold_from_normal
+    from stfpm_edge.thresholds import fit_threshold
 
     base, *posts = name.split("+")
     out = out_root / f"{data.name}-{name}.json"
@@ -186,7 +186,7 @@ def post_variant(data: Path, out_root: Path, name: str, variants: dict[str, dict
     held, _ = load_images(calib_s or val_s, geometry)
     engine = TorchEngine.from_model(model, meta)
     _, scores = predict(engine.infer, held)
-    threshold = threshold_from_normal(scores, cfg.threshold_quantile)
+    threshold = fit_threshold(scores, cfg.false_call_rate, cfg.threshold_rule, cfg.seed)["image"]
     result = evaluate(engine.infer, ds.test, geometry, threshold, progress=False)
     record = {**result.metrics, "seconds_per_epoch": trained.get("seconds_per_epoch"),
               "infer_ms": infer_ms(model, geometry.height, geometry.width), "model": trained["model"]}

@@ -4,10 +4,12 @@ Stages per batch of camera frames:
   preprocess   source frames -> model input (resize; the reference also normalises in NumPy)
   inference    model input -> anomaly maps and scores
   postprocess  normalised score, verdict, and the map resized back onto the source frame
-Backends run interleaved, one batch each in rotating order, so that drift on a noisy machine hits
-all of them alike (``--consecutive N``: runs of N calls per backend instead, the first of each run
-untimed, as a camera loop calls one engine frame after frame with its own data in the caches); ratios are taken against the PyTorch reference (two networks, then the map in
-Python, the way reference implementations run STFPM).
+Backends run in blocks of ``consecutive`` calls (the CLI's default 10; the first call of each block
+untimed), blocks in rotating order, so that drift on a noisy machine hits all of them alike and every
+timed call finds its own model in the caches, as a camera loop calling one engine frame after frame
+does (call by call, a memory model's bank of tens of MB is evicted by the model beside it). Ratios
+are taken against the PyTorch reference (two networks, then the map in Python, the way reference
+implementations run STFPM).
 """
 
 from __future__ import annotations
@@ -200,9 +202,11 @@ def schedule(names: list[str], iters: int, warmup: int, consecutive: int = 1) ->
     """The order of calls: (backend, timed). ``consecutive`` = 1 alternates backends call by call; N > 1
     gives each backend runs of N calls in a row (as a camera loop calls one engine), the first call of
     each run untimed (its caches were another backend's), rounds rotating the order. ``warmup`` untimed
-    rounds first; each backend is timed ``iters`` times either way."""
+    calls per backend first (whole rounds: with runs of N calls, warmup / N rounds rounded up); each
+    backend is timed ``iters`` times either way."""
     out: list[tuple[str, bool]] = []
     per_run = consecutive - 1 if consecutive > 1 else 1
+    warmup = -(-warmup // consecutive) if consecutive > 1 else warmup
     rounds = warmup + -(-iters // per_run)
     timed = {n: 0 for n in names}
     for r in range(rounds):
@@ -304,6 +308,16 @@ def machine_info(threads: int) -> dict[str, Any]:
     if torch is not None and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def timing_note(results: dict[str, Any]) -> str:
+    """How the figures above were timed, in one line (the output says it, so nobody reads a ratio without knowing)."""
+    n = int(results.get("consecutive") or 1)
+    if n <= 1:
+        return ("timed call by call, backends alternating: each call may find its caches filled by another backend "
+                "(a memory model then reads slower than alone; --consecutive 10 times blocks)")
+    return (f"timed in blocks of {n} calls per backend (the first of each block untimed, so every timed call has its own model "
+            "in the caches, as in a camera loop), blocks in rotating order against drift")
 
 
 def markdown_table(results: dict[str, Any]) -> str:

@@ -70,6 +70,13 @@ def _print_metrics(m: dict) -> None:
         f"pixel F1 {_fmt(m.get('pixel_f1'))} | AUPRO@0.3 {_fmt(m.get('aupro'))} | "
         f"image F1 @ threshold {_fmt(m.get('image_f1'))} (threshold {'n/a' if m.get('threshold') is None else format(m['threshold'], '.4g')})"
     )
+    if m.get("miss_rate") is not None and m.get("false_alarm_rate") is not None:
+        n_bad, n_good = m["n_anomalous"], m["n_images"] - m["n_anomalous"]
+        typer.echo(f"at the threshold: {m['defects_missed']} of {n_bad} defective images passed ({100 * m['miss_rate']:.1f} %), "
+                   f"{m['good_flagged']} of {n_good} good images rejected ({100 * m['false_alarm_rate']:.1f} %)")
+    if m.get("operating_points"):
+        typer.echo("operating curve (test set, for reporting): misses " + ", ".join(
+            f"{100 * p['miss_rate']:.0f} % at {100 * p['false_call_rate']:g} % false calls" for p in m["operating_points"]))
     for note in m.get("notes", []):
         typer.echo(f"note: {note}")
 
@@ -89,7 +96,11 @@ def train(
     size: Optional[str] = typer.Option(None, help="model input size, N or HxW, multiples of 16 [default: 256]"),
     resize: Optional[str] = typer.Option(None, help="squash (paper; ignores aspect) or letterbox (keeps aspect, pads) [default: squash]"),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="share of good training images held out to select the checkpoint (and set the threshold when --calib-fraction is 0) [default: 0.1]"),
-    threshold_quantile: Optional[float] = typer.Option(None, "--threshold-quantile", help="threshold = this quantile of held-out good scores [default: 0.99]"),
+    false_call_rate: Optional[float] = typer.Option(None, "--false-call-rate", help="the share of good parts the line may reject (0.005 = 1 in 200); the "
+                                                    "threshold is set for it from good images the reference did not learn, no defect image "
+                                                    "needed (README 'The threshold') [default: 0.005]"),
+    threshold_rule: Optional[str] = typer.Option(None, "--threshold-rule", help="tail: a generalised Pareto fit of the highest good scores, stable "
+                                                 "on small sets; quantile: their empirical quantile [default: tail]"),
     augment: Optional[str] = typer.Option(None, help="rotate (any angle, small shifts), rot90 (flips and quarter turns), flip or none; "
                                           "anything but none computes the teacher every step [default: rotate]"),
     layers: Optional[str] = typer.Option(None, help="feature levels to match, e.g. 1,2,3 (strides 4, 8, 16) [default: the backbone's]"),
@@ -146,7 +157,7 @@ def train(
         data=str(data) if data else None, out=str(out) if out else None, epochs=epochs, batch_size=batch_size, lr=lr,
         momentum=momentum, weight_decay=weight_decay, backbone=backbone,
         teacher_weights=str(teacher_weights) if teacher_weights else None, height=h, width=w, resize=resize,
-        val_fraction=val_fraction, threshold_quantile=threshold_quantile, augment=augment, cache_teacher=cache_teacher,
+        val_fraction=val_fraction, false_call_rate=false_call_rate, threshold_rule=threshold_rule, augment=augment, cache_teacher=cache_teacher,
         layers=layers, blur_sigma=blur_sigma, topk_fraction=topk_fraction, level_weights=level_weights, calib_fraction=calib_fraction, select=select, amp=amp,
         lr_schedule=lr_schedule, hard_fraction=hard_fraction, synthetic=synthetic, feature_norm=feature_norm, student_backbone=student_backbone,
         average_epochs=average_epochs, memory_target=memory_target, reference=reference, bank_size=bank_size, memory_pool=memory_pool, memory_aggregate=memory_aggregate, seed=seed, threads=threads, device=device, overlays=overlays), stored=stored)
@@ -158,7 +169,8 @@ def train(
         typer.echo(f"memory bank built in {_fmt((metrics.get('memory') or {}).get('seconds'))} s")
     else:
         typer.echo(f"seconds per epoch (median): {_fmt(metrics.get('seconds_per_epoch'))}")
-    typer.echo(f"run folder: {run_dir}  (model.pt, metrics.json, scores.csv, roc.png, overlays/)")
+    typer.echo(f"threshold: {metrics['threshold_rule']['text']}")
+    typer.echo(f"run folder: {run_dir}  (model.pt, metrics.json, scores.csv, roc.png, operating.png, overlays/)")
 
 
 @command("eval", help="Evaluate a model (.pt, .onnx, ...) on a data set's test split, at the model's own threshold.")
@@ -179,7 +191,8 @@ def eval_cmd(
         if out is None:  # next to the model file; a served model's results go to runs/
             out = (Path("runs") / f"eval-{dataset.name}-triton-{engine.model_name}" if engine.name == "triton"
                    else model.parent / f"eval-{dataset.name}-{model.suffix.lstrip('.')}")
-        write_outputs(result, out, engine.geometry, engine.threshold, dataset, overlays, extra={"backbone": engine.meta.get("backbone"), "model": str(model), "engine": engine.name})
+        write_outputs(result, out, engine.geometry, engine.threshold, dataset, overlays, extra={"backbone": engine.meta.get("backbone"), "model": str(model), "engine": engine.name},
+                      target_rate=(engine.meta.get("threshold") or {}).get("false_call_rate"))
     _print_metrics(result.metrics)
     typer.echo(f"results: {out}")
 
@@ -244,6 +257,36 @@ def verify_cmd(
         typer.echo("parity: OK")
 
 
+@command("threshold", help="Set a checkpoint's threshold for another false-call rate (or rule), from the out-of-fold good scores it carries; "
+                           "no retraining, no images. Export again afterwards: every export and engine takes the checkpoint's threshold.")
+def threshold_cmd(
+    checkpoint: Path = typer.Argument(..., help="model.pt from stfpm-edge train"),
+    false_call_rate: float = typer.Option(..., "--false-call-rate", help="the share of good parts the line may reject, e.g. 0.005 = 1 in 200"),
+    rule: str = typer.Option("tail", "--rule", help="tail (generalised Pareto fit of the highest good scores) or quantile (empirical)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write the new checkpoint here [default: replace CHECKPOINT, atomically]"),
+):
+    from .checkpoint import atomic_torch_save, read_checkpoint
+    from .thresholds import fit_threshold
+
+    payload = read_checkpoint(checkpoint)
+    meta = payload["meta"]
+    scores = (meta.get("normal_stats") or {}).get("heldout_scores")
+    if not scores:
+        raise StfpmError(f"{checkpoint}: carries no good-image scores to set a threshold from; train it again with this version")
+    old = meta["threshold"]
+    entry = fit_threshold(scores, false_call_rate, rule, int((meta.get("config") or {}).get("seed", 0)))
+    entry["sources"] = old.get("sources", "the checkpoint's held-out good scores")
+    entry["history"] = [*old.get("history", []), {"image": old.get("image"), "rule": old.get("rule"), "false_call_rate": old.get("false_call_rate")}]
+    meta["threshold"] = entry
+    if "config" in meta:
+        meta["config"] = {**meta["config"], "false_call_rate": entry["false_call_rate"], "threshold_rule": rule}
+    atomic_torch_save(out or checkpoint, payload)
+    typer.echo(f"threshold {old.get('image'):.6g} -> {entry['image']:.6g} ({entry['text']})")
+    if "warning" in entry:
+        typer.echo(f"warning: {entry['warning']}")
+    typer.echo(f"wrote {out or checkpoint}; export it again for engines and Triton")
+
+
 @command(help="Make an INT8 (explicit Q/DQ) variant of an FP32 export, calibrated on good images, and report its fidelity.")
 def calibrate(
     onnx_file: Path = typer.Argument(..., help="FP32 model.onnx from stfpm-edge export"),
@@ -274,13 +317,14 @@ def bench(
     image: Optional[Path] = typer.Option(None, "--image", help="source frame to use (any size) [default: a generated frame at model size]"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write all results and the machine description as JSON"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a latency histogram PNG"),
-    consecutive: int = typer.Option(1, "--consecutive", min=1, help="calls in a row per backend before the next takes over (the first of each run untimed): "
-                                    "1 alternates call by call; a camera calls one engine frame after frame, so e.g. 10 measures each with its own "
-                                    "data in the caches (a memory bank is tens of MB)"),
+    consecutive: int = typer.Option(10, "--consecutive", min=1, help="calls in a row per backend before the next takes over, the first of each "
+                                    "block untimed, blocks in rotating order: a camera calls one engine frame after frame, so each is timed with its own "
+                                    "data in the caches (a memory bank is tens of MB; call by call, 1, the pair it is compared with evicts it and "
+                                    "a memory model read 1.9x slower)"),
     vs_student: bool = typer.Option(True, "--vs-student/--no-vs-student", help="a memory model without a student beside it: also time the student pair "
                                     "of the same size (ONNX Runtime; random weights cost what trained ones do)"),
 ):
-    from .bench import benchmark_models, histogram_plot, peak_share_line, vs_student_lines
+    from .bench import benchmark_models, histogram_plot, peak_share_line, timing_note, vs_student_lines
     from .fileio import atomic_write_json
 
     try:
@@ -289,6 +333,7 @@ def bench(
         raise StfpmError(f"--batch must be comma-separated integers, got {batch!r}") from None
     results = benchmark_models(models, backend, sizes, iters, warmup, threads, image, vs_student=vs_student, consecutive=consecutive)
     typer.echo(results["markdown"], nl=False)
+    typer.echo(timing_note(results))
     for text in vs_student_lines(results):
         typer.echo(text)
     line = peak_share_line(results)
@@ -339,7 +384,12 @@ def run(
     metrics_host: str = typer.Option("127.0.0.1", "--metrics-host", help="address for --metrics-port (loopback unless you name another)"),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="several sources: most frames per engine call [default: one per source; 1 = no batching]"),
     pace: Optional[float] = typer.Option(None, "--pace", min=0.1, help="read a video or image folder at most this many frames per second, as a camera would deliver it"),
+    mm_per_pixel: Optional[float] = typer.Option(None, "--mm-per-pixel", min=1e-6, help="size of a source pixel: defect regions in frames.jsonl get their area in mm²"),
+    min_defect_area: Optional[float] = typer.Option(None, "--min-defect-area", min=0.0, help="a frame above the threshold stays good unless one defect "
+                                                    "region is at least this large: mm² with --mm-per-pixel, else source pixels (an inspection spec's "
+                                                    "'reject any defect over 0.3 mm²') [default: none, every frame above the threshold is rejected]"),
 ):
+    from .stream.inspection import AreaRule
     from .stream.linescan import LineScanOptions
     from .stream.pipeline import RunOptions
     from .stream.session import Session, run_session
@@ -348,7 +398,7 @@ def run(
                       LineScanOptions(Path(), scale=scale, overlap=overlap, mm_per_row=mm_per_row) if line_scan else None,
                       RunOptions(Path(), roi=_roi(roi), save_video=save_video, save_anomalies=save_anomalies, show=show, max_frames=max_frames,
                                  pace_fps=pace, ui=ui, ui_token=ui_token, max_batch=max_batch,
-                                 metrics_port=metrics_port, metrics_host=metrics_host),
+                                 metrics_port=metrics_port, metrics_host=metrics_host, area=AreaRule(min_defect_area, mm_per_pixel)),
                       sinks=list(sink))
     out, summary = run_session(session)
     if line_scan:

@@ -58,7 +58,9 @@ class TrainConfig:
     # stride 16, 1 for the others (strides 4, 8, 16 are searched at 8, 16, 16: README "Memory at camera rate"); 1 = none
     memory_pool: str = "auto"
     memory_aggregate: int = 1  # memory: each feature the mean of its a x a neighbourhood first (PatchCore; 1 = none)
-    threshold_quantile: float = 0.99
+    # the share of good parts the line may reject; the threshold is set for it from out-of-fold good scores (thresholds.py)
+    false_call_rate: float = 0.005
+    threshold_rule: str = "tail"  # tail (generalised Pareto fit of the top good scores) or quantile (empirical)
     threads: int = 0
     device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N
     overlays: int = 12
@@ -113,6 +115,9 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         raise StfpmError(f"config: {name} must be {kind.__name__}, got {value!r}") from None
 
 
+# options that left the product, and what replaced them (a config file that names one is refused with this)
+REMOVED = {"threshold_quantile": "the threshold is set for a false-call rate now (false_call_rate: 0.01 is about quantile 0.99)"}
+
 # what may change when a run is resumed: how long and where it runs, not what it learns
 RESUME_MAY_CHANGE = ("epochs", "threads", "device", "overlays", "out")
 
@@ -164,6 +169,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not path.is_file():
             raise StfpmError(f"{path}: config file not found")
         loaded = read_yaml(path)
+        for name in sorted(set(loaded) & set(REMOVED)):
+            raise StfpmError(f"{path}: {name} is no longer an option: {REMOVED[name]}")
         unknown = sorted(set(loaded) - set(known))
         if unknown:
             raise StfpmError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(known)}")
@@ -202,8 +209,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     for name, off in (("student_backbone", ""), ("feature_norm", "none"), ("average_epochs", 0.0), ("memory_target", 0.0)):
         if getattr(cfg, name) != off and cfg.reference != "student":
             raise StfpmError(f"config: {name} applies to a student (reference: student); a {cfg.reference} reference has no student network")
-    if not 0.0 < cfg.threshold_quantile <= 1.0:
-        raise StfpmError(f"config: threshold_quantile must be in (0, 1], got {cfg.threshold_quantile}")
+    from .thresholds import THRESHOLD_RULES, check_false_call_rate
+
+    check_false_call_rate(cfg.false_call_rate)
+    if cfg.threshold_rule not in THRESHOLD_RULES:
+        raise StfpmError(f"config: threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, got {cfg.threshold_rule!r}")
     if not 0.0 < cfg.val_fraction < 1.0:
         raise StfpmError(f"config: val_fraction must be between 0 and 1, got {cfg.val_fraction}")
     if cfg.lr <= 0 or cfg.threads < 0 or cfg.overlays < 0:

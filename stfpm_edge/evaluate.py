@@ -92,8 +92,10 @@ def scores_csv(result: EvalResult, threshold: float | None) -> str:
     return buf.getvalue()
 
 
-def write_outputs(result: EvalResult, out_dir: Path, geometry: Geometry, threshold: float | None, dataset: Dataset, n_overlays: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """metrics.json, scores.csv, roc.png and overlays/ in ``out_dir``; returns the metrics record."""
+def write_outputs(result: EvalResult, out_dir: Path, geometry: Geometry, threshold: float | None, dataset: Dataset, n_overlays: int,
+                  extra: dict[str, Any] | None = None, target_rate: float | None = None) -> dict[str, Any]:
+    """metrics.json, scores.csv, roc.png, operating.png (misses against false calls, ``target_rate`` marked) and overlays/
+    in ``out_dir``; returns the metrics record."""
     from . import report
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,6 +103,8 @@ def write_outputs(result: EvalResult, out_dir: Path, geometry: Geometry, thresho
     atomic_write_text(out_dir / "scores.csv", scores_csv(result, threshold))
     labels = np.array([s.label for s in result.samples])
     report.roc_plot(labels, result.scores, out_dir / "roc.png", title=f"{dataset.name}: image ROC")
+    report.operating_plot(labels, result.scores, threshold, out_dir / "operating.png", f"{dataset.name}: misses against false calls",
+                          target_rate)
     report.overlays(result, geometry, threshold, out_dir / "overlays", n_overlays)
     atomic_write_json(out_dir / "metrics.json", record)
     return record

@@ -247,22 +247,111 @@ class MemoryBank(nn.Module):
         return out
 
 
+# rows per block of the lazy greedy selection (benchmarks/memory_build.py: 512 against 1,024 and 2,048 on bottle's pools)
+CORESET_BLOCK = 512
+
+
 def greedy_coreset(x: torch.Tensor, k: int, generator: torch.Generator, tick=None) -> torch.Tensor:
     """Indices (CPU) of ``k`` rows of unit vectors ``x`` chosen by greedy k-centre (farthest point first).
 
-    ``x`` may live on any device (a GPU selects a 500,000-row pool in seconds); ``generator`` is a CPU one.
-    ``tick(n)``, when given, hears of every 1,024 rows chosen (a progress bar).
+    Every step adds the row farthest from the rows chosen so far. On a GPU, each step compares
+    the new row with the whole pool (a 500,000-row pool in seconds). On the CPU the same
+    selection is evaluated lazily (``_lazy_greedy``). ``generator`` is a CPU one. ``tick(n)``, when
+    given, hears of every 1,024 rows chosen (a progress bar).
     """
-    if k >= len(x):
-        return torch.arange(len(x))
-    chosen = [int(torch.randint(len(x), (1,), generator=generator))]
-    nearest = 2.0 - 2.0 * (x @ x[chosen[0]])  # squared distance to the closest chosen row
+    n = len(x)
+    if k >= n:
+        return torch.arange(n)
+    first = int(torch.randint(n, (1,), generator=generator))
+    if x.device.type == "cpu":
+        return torch.from_numpy(_lazy_greedy(x.float().numpy(), k, first, tick))
+    chosen = [first]
+    nearest = 2.0 - 2.0 * (x @ x[first])  # squared distance to the closest chosen row
     for i in range(1, k):
         chosen.append(int(nearest.argmax()))
         nearest = torch.minimum(nearest, 2.0 - 2.0 * (x @ x[chosen[-1]]))
         if tick is not None and (i + 1) % 1024 == 0:
             tick(1024)
     return torch.tensor(chosen, dtype=torch.long)
+
+
+def _lazy_greedy(x, k: int, first: int, tick=None, block: int = CORESET_BLOCK):
+    """Greedy k-centre over unit rows ``x`` (a float32 NumPy array) from row ``first``, evaluated lazily.
+
+    The farthest row from the chosen set is the one of lowest best similarity to it (unit rows:
+    squared distance = 2 - 2 cos). The pool is cut into blocks of ``block`` rows, each with a
+    lower bound of its rows' best similarity (it only rises as rows are chosen). Each step takes
+    the block of the lowest bound; if rows were chosen since that block was last brought up to
+    date, they are applied to it in one matrix product (all of them against the block, which stays
+    in the caches) and the block goes back with its exact minimum; otherwise that minimum is the
+    pool's, and its row is chosen. The selection is the plain algorithm's, but a block far from
+    every new row is read only when it could hold the farthest row, then for many rows at once,
+    instead of the whole pool being read once per chosen row (benchmarks/memory_build.py).
+    """
+    import heapq
+
+    import numpy as np
+
+    n = len(x)
+    chosen = np.empty(k, dtype=np.int64)
+    chosen[0] = first
+    centres = np.empty((k, x.shape[1]), dtype=np.float32)
+    centres[0] = x[first]
+    starts = range(0, n, block)
+    blocks = [np.ascontiguousarray(x[a : a + block].T) for a in starts]  # [C, rows]: the product's max runs along rows
+    best = [centres[0] @ b for b in blocks]  # per block, each row's best similarity to an applied centre
+    applied = [1] * len(blocks)
+    heap = []
+    for b, s in enumerate(best):
+        j = int(s.argmin())
+        heap.append((float(s[j]), b, j))  # the block's lowest best similarity (a bound once stale) and where it is
+    heapq.heapify(heap)
+    item = heapq.heappop(heap)
+    for i in range(1, k):
+        while True:
+            b = item[1]
+            if applied[b] < i:  # stale: bring the block up to date, back with its exact minimum
+                s = best[b]
+                np.maximum(s, (centres[applied[b] : i] @ blocks[b]).max(axis=0), out=s)
+                applied[b] = i
+                j = int(s.argmin())
+                item = heapq.heappushpop(heap, (float(s[j]), b, j))
+                continue
+            row = starts[b] + item[2]  # up to date and lowest: the pool's farthest row
+            chosen[i] = row
+            centres[i] = x[row]
+            item = heapq.heappushpop(heap, item)  # its bound still holds; brought up to date when it next comes first
+            break
+        if tick is not None and (i + 1) % 1024 == 0:
+            tick(1024)
+    return chosen
+
+
+def coreset_levels(pools: Sequence[torch.Tensor], sizes: Sequence[int], generator: torch.Generator, tick=None) -> list[torch.Tensor]:
+    """``greedy_coreset`` of each level's pool (``sizes[k]`` rows of ``pools[k]``), the levels side by side on the CPU.
+
+    On the CPU each level's selection runs in its own thread with single-threaded BLAS, the largest pool first: the
+    selection is matrix products between short stretches of Python, and two levels at once keep both cores busy where
+    one level with two BLAS threads leaves one idle between products (benchmarks/memory_build.py). The first row of
+    each level is drawn from ``generator`` in level order, so the selection does not depend on which thread runs first.
+    """
+    if any(p.device.type != "cpu" for p in pools):  # a GPU: one level after another, each in seconds
+        return [greedy_coreset(p, k, generator, tick) for p, k in zip(pools, sizes)]
+    firsts = [int(torch.randint(len(p), (1,), generator=generator)) for p in pools]
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    def one(level: int) -> torch.Tensor:
+        pool, k = pools[level], sizes[level]
+        if k >= len(pool):
+            return torch.arange(len(pool))
+        return torch.from_numpy(_lazy_greedy(pool.float().numpy(), k, firsts[level], tick))
+
+    order = sorted(range(len(pools)), key=lambda k: -len(pools[k]) * pools[k].shape[1])
+    with threadpool_limits(1), ThreadPoolExecutor(max(1, min(2, torch.get_num_threads(), len(pools)))) as ex:
+        done = dict(zip(order, ex.map(one, order)))
+    return [done[k] for k in range(len(pools))]
 
 
 def image_score(amap: torch.Tensor, topk: int = 1) -> torch.Tensor:

@@ -46,6 +46,40 @@ def roc_plot(labels: np.ndarray, scores: np.ndarray, path: Path, title: str) -> 
     return True
 
 
+def operating_plot(labels: np.ndarray, scores: np.ndarray, threshold: float | None, path: Path, title: str,
+                   target_rate: float | None = None) -> bool:
+    """The operating curve a line runs on: defects missed against good parts rejected, over every threshold, with the
+    model's own threshold marked (where the line stands) and its target false-call rate (what it was set for)."""
+    curve = image_roc(labels, scores)
+    if curve is None:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fpr, tpr = curve
+    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=120)
+    ax.step(100 * fpr, 100 * (1 - tpr), where="post", lw=2, label="every threshold (test images)")
+    if threshold is not None:
+        labels, scores = np.asarray(labels), np.asarray(scores)
+        flagged = is_anomalous(scores, threshold)
+        fa, miss = 100 * flagged[labels == 0].mean(), 100 * (1 - flagged[labels == 1].mean())
+        ax.plot([fa], [miss], "o", ms=9, c="crimson", label=f"the model's threshold: {miss:.0f} % missed, {fa:.1f} % false calls")
+    if target_rate is not None:
+        ax.axvline(100 * target_rate, ls="--", c="gray", lw=1, label=f"target false-call rate {100 * target_rate:g} %")
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set(xlabel="good parts rejected (false calls), %", ylabel="defective parts passed (misses), %", title=title,
+           xlim=(0, 100), ylim=(-2, 102))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return True
+
+
 def _pick(samples, n: int) -> list[int]:
     """Up to n indices spread round-robin over the defect types (good included)."""
     groups: dict[str, list[int]] = defaultdict(list)

@@ -22,9 +22,9 @@ from .errors import StfpmError
 from .evaluate import evaluate, predict, write_outputs
 from .fileio import atomic_write_json, sha256_file
 from .geometry import Geometry
-from .model import STANDARDISED_LEVELS, STFPM, FeatureNorm, MapPost, MemoryBank, MemorySearch, channel_stats, check_level_count, greedy_coreset, memory_rows, stfpm_loss
+from .model import STANDARDISED_LEVELS, STFPM, FeatureNorm, MapPost, MemoryBank, MemorySearch, channel_stats, check_level_count, coreset_levels, memory_rows, stfpm_loss
 from .store import TrainingStore
-from .thresholds import normal_statistics, threshold_from_normal
+from .thresholds import fit_threshold, normal_statistics
 
 LAST = "last.pt"  # resume state, rewritten atomically after every epoch
 MODEL = "model.pt"
@@ -442,6 +442,29 @@ def memory_search(cfg: TrainConfig, strides: list[int]) -> tuple[MemorySearch, l
     return MemorySearch(cfg.memory_aggregate, tuple(pools)), per_level(parse_counts("bank_size", cfg.bank_size), len(strides), 32768)
 
 
+def memory_pools(model: STFPM, images: np.ndarray, search: MemorySearch, batch_size: int, generator: torch.Generator,
+                 progress: bool = False) -> list[list[torch.Tensor]]:
+    """Per level, the candidate rows of a memory (CPU chunks, one per image, in the images' order): positions drawn evenly
+    from every image, at most POOL_PER_LEVEL per level in all (memory stays bounded however many images there are)."""
+    from tqdm import tqdm
+
+    device = next(model.parameters()).device
+    n = len(images)
+    pools: list[list[torch.Tensor]] = [[] for _ in model.teacher.feature_info.reduction()]
+    model.eval()
+    with torch.inference_mode():
+        for idx in tqdm(_batches(n, batch_size, None), desc="teacher features", unit="batch", disable=not progress):
+            feats = model.teacher(model.normalize(torch.from_numpy(images[idx.numpy()]).to(device)))
+            for k, f in enumerate(memory_rows(feats, search)):
+                b, h, w, c = f.shape
+                rows = f.reshape(b, h * w, c)
+                keep = min(h * w, max(1, POOL_PER_LEVEL // n))
+                for r in rows:
+                    pick = torch.randperm(h * w, generator=generator)[:keep] if keep < h * w else slice(None)
+                    pools[k].append(r[pick].cpu())
+    return pools
+
+
 def _fit_memory(p: Prepared, progress: bool) -> dict[str, Any]:
     """``--reference memory``: the teacher's features of the good training images, a coreset per level.
 
@@ -459,34 +482,44 @@ def _fit_memory(p: Prepared, progress: bool) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
     t0 = time.perf_counter()
-    n = len(p.train_imgs)
-    pools: list[list[torch.Tensor]] = [[] for _ in sizes]
-    model.eval()
-    with torch.inference_mode():
-        for idx in tqdm(_batches(n, cfg.batch_size, None), desc="teacher features", unit="batch", disable=not progress):
-            feats = model.teacher(model.normalize(torch.from_numpy(p.train_imgs[idx.numpy()]).to(device)))
-            for k, f in enumerate(memory_rows(feats, search)):
-                b, h, w, c = f.shape
-                rows = f.reshape(b, h * w, c)
-                keep = min(h * w, max(1, POOL_PER_LEVEL // n))
-                for r in rows:
-                    pick = torch.randperm(h * w, generator=generator)[:keep] if keep < h * w else slice(None)
-                    pools[k].append(r[pick].cpu())
-    banks, level_seconds = [], []
-    for k, chunks in enumerate(pools):
-        t_level = time.perf_counter()
-        pool = torch.cat(chunks).to(device)  # the selection runs where the teacher ran (seconds on a GPU)
-        size = min(sizes[k], len(pool))
-        with tqdm(total=size, desc=f"level {k}: {size} of {len(pool)} positions", unit="row", disable=not progress) as bar:
-            banks.append(pool[greedy_coreset(pool, size, generator, bar.update).to(device)].cpu())
-            bar.update(size - bar.n)
-        level_seconds.append(time.perf_counter() - t_level)
+    pools = memory_pools(model, p.train_imgs, search, cfg.batch_size, generator, progress)
+    t_select = time.perf_counter()
+    joined = [torch.cat(chunks).to(device) for chunks in pools]  # the selection runs where the teacher ran (seconds on a GPU)
+    rows = [min(size, len(pool)) for size, pool in zip(sizes, joined)]
+    with tqdm(total=sum(rows), desc=f"selecting {'+'.join(map(str, rows))} of {'+'.join(str(len(p)) for p in joined)} positions",
+              unit="row", disable=not progress) as bar:
+        chosen = coreset_levels(joined, rows, generator, bar.update)
+        bar.update(sum(rows) - bar.n)
+    select_seconds = time.perf_counter() - t_select
+    banks, owners = [], []
+    for chunks, pool, pick in zip(pools, joined, chosen):
+        image_of_row = torch.repeat_interleave(torch.arange(len(chunks)), torch.tensor([len(c) for c in chunks]))
+        banks.append(pool[pick.to(device)].cpu())
+        owners.append(image_of_row[pick])
     model.student = MemoryBank(banks, search).to(device)
     model.eval()
     seconds = time.perf_counter() - t0
-    return {"epochs": 0, "best_epoch": 0, "best_val_loss": None, "history": [], "seconds_per_epoch": None,
+    return {"epochs": 0, "best_epoch": 0, "best_val_loss": None, "history": [], "seconds_per_epoch": None, "row_owners": owners,
             "memory": {"rows_per_level": [len(b) for b in banks], "pool_per_level": [sum(len(c) for c in ch) for ch in pools],
-                       "search": search.to_dict(), "seconds": seconds, "coreset_seconds_per_level": level_seconds}}
+                       "search": search.to_dict(), "seconds": seconds, "coreset_seconds": select_seconds}}
+
+
+def own_rows_left_out_scores(model: STFPM, images: np.ndarray, owners: list[torch.Tensor], progress: bool = False) -> np.ndarray:
+    """Each bank image's score against the memory with the rows it gave left out: out-of-fold scores of the images the
+    memory was built from (``owners``: per level, the image of each bank row), for the threshold."""
+    from tqdm import tqdm
+
+    full = model.student
+    banks = full.banks()
+    scores = np.empty(len(images), dtype=np.float64)
+    try:
+        with torch.inference_mode():
+            for i in tqdm(range(len(images)), desc="out-of-fold scores", unit="image", disable=not progress):
+                model.student = MemoryBank([b[o.to(b.device) != i] for b, o in zip(banks, owners)], full.search)
+                scores[i] = float(model(torch.from_numpy(images[i : i + 1]).to(banks[0].device))[1][0])
+    finally:
+        model.student = full
+    return scores
 
 
 def _finish(p: Prepared, training: dict[str, Any], progress: bool) -> tuple[Path, dict[str, Any]]:
@@ -496,17 +529,26 @@ def _finish(p: Prepared, training: dict[str, Any], progress: bool) -> tuple[Path
     cfg, model, run_dir, geometry, dataset = p.cfg, p.model, p.run_dir, p.geometry, p.dataset
     train_s, val_s, calib_s = p.splits
     infer = TorchEngine.from_model(model, {"geometry": geometry.to_dict()}).infer
-    val_maps, val_scores = predict(infer, p.calib_imgs)
-    held = len(p.calib_imgs)
-    if cfg.reference == "memory" and calib_s:
-        # a memory selects nothing: the validation split is as unseen as the calibration split, so both set the threshold
+    # out-of-fold good scores: images the reference did not learn. A student: its calibration and validation splits (the
+    # validation split chose the epoch by loss, not by score); a memory: both splits, and every bank image scored with its
+    # own rows left out of the search
+    held_maps, held_scores = predict(infer, p.calib_imgs)
+    parts = [("calibration" if calib_s else "validation", len(p.calib_imgs))]  # in the order of the scores
+    if calib_s:
         more_maps, more_scores = predict(infer, p.val_imgs)
-        val_maps, val_scores = np.concatenate([val_maps, more_maps]), np.concatenate([val_scores, more_scores])
-        held += len(p.val_imgs)
-        rule_source = " (validation and calibration splits: a memory selects no checkpoint)"
-    else:
-        rule_source = " (a calibration split that did not select the checkpoint)" if calib_s else " (the validation split)"
-    threshold = threshold_from_normal(val_scores, cfg.threshold_quantile)
+        held_maps, held_scores = np.concatenate([held_maps, more_maps]), np.concatenate([held_scores, more_scores])
+        parts.append(("validation", len(p.val_imgs)))
+    good_scores = held_scores
+    if cfg.reference == "memory" and training.get("row_owners") is not None:
+        own = own_rows_left_out_scores(model, p.train_imgs, training["row_owners"], progress)
+        good_scores = np.concatenate([held_scores, own])
+        parts.append(("bank images, own rows left out", len(own)))
+    training = {k: v for k, v in training.items() if k != "row_owners"}
+    threshold_entry = fit_threshold(good_scores, cfg.false_call_rate, cfg.threshold_rule, cfg.seed)
+    threshold_entry["sources"] = " + ".join(f"{n} {name}" for name, n in parts)
+    if "warning" in threshold_entry and progress:
+        print(f"warning: {threshold_entry['warning']}")
+    threshold = threshold_entry["image"]
     meta: dict[str, Any] = {
         "backbone": cfg.backbone,
         "layers": list(model.teacher.feature_info.out_indices),
@@ -517,10 +559,9 @@ def _finish(p: Prepared, training: dict[str, Any], progress: bool) -> tuple[Path
         "geometry": geometry.to_dict(),
         "input": {"dtype": "uint8", "layout": "NHWC", "colour_order": "BGR"},
         "normalization": {"colour_order": "RGB", "mean": list(spec(cfg.backbone).mean), "std": list(spec(cfg.backbone).std)},
-        "threshold": {"image": threshold, "quantile": cfg.threshold_quantile,
-                      "rule": f"quantile {cfg.threshold_quantile} of the image scores of {held} held-out good images" + rule_source},
-        "normal_stats": {"image_scores": normal_statistics(val_scores), "pixel_max": float(val_maps.max()),
-                         "heldout_scores": [float(v) for v in val_scores]},
+        "threshold": threshold_entry,
+        "normal_stats": {"image_scores": normal_statistics(good_scores), "pixel_max": float(held_maps.max()),
+                         "heldout_scores": [float(v) for v in good_scores], "heldout_sources": [[name, n] for name, n in parts]},
         "config": cfg.to_dict(),
         "dataset": {"name": dataset.name, "layout": dataset.layout, "root": str(dataset.root), "n_train": len(train_s),
                     "n_val": len(val_s), "n_calib": len(calib_s), "n_test": len(dataset.test)},
@@ -533,7 +574,8 @@ def _finish(p: Prepared, training: dict[str, Any], progress: bool) -> tuple[Path
     record = write_outputs(result, run_dir, geometry, threshold, dataset, cfg.overlays, extra={
         "backbone": cfg.backbone, "reference": cfg.reference, "epochs": training["epochs"], "best_epoch": training["best_epoch"],
         "seconds_per_epoch": training["seconds_per_epoch"], "model": str(run_dir / MODEL),
-        **({"memory": training["memory"]} if "memory" in training else {})})
+        **({"memory": training["memory"]} if "memory" in training else {}),
+        "threshold_rule": {k: v for k, v in threshold_entry.items() if k != "image"}}, target_rate=cfg.false_call_rate)
     meta["metrics"] = {k: v for k, v in result.metrics.items()}
     save_checkpoint(run_dir / MODEL, model, meta)  # now with the metrics it earned
     (run_dir / LAST).unlink(missing_ok=True)  # finished: the checkpoint supersedes the resume state

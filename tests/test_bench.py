@@ -36,6 +36,8 @@ def test_schedule_alternates_or_gives_each_backend_runs_with_a_cold_first_call()
     assert [n for n, _ in runs[:8]] == ["a"] * 4 + ["b"] * 4  # runs of four calls in a row
     assert [t for _, t in runs[:4]] == [False, True, True, True]  # the first of each run is untimed
     assert sum(t for n, t in runs if n == "a") == 5 and sum(t for n, t in runs if n == "b") == 5
+    warm = schedule(["a", "b"], iters=9, warmup=5, consecutive=10)  # 5 warm-up calls: one untimed block each first
+    assert len(warm) == 40 and not any(t for _, t in warm[:20]) and sum(t for _, t in warm[20:]) == 18
 
 
 def test_bench_cli_json_schema_and_ratios(tiny_run, tmp_path):

@@ -134,7 +134,8 @@ def test_test_set_faults_are_found_before_training(synthetic_mvtec, tmp_path, br
 @pytest.mark.parametrize("yaml_text, message", [
     ("epochs: 1.7", "whole number"),
     ("batch_size: true", "must be a number"),
-    ("threshold_quantile: 7", "threshold_quantile"),
+    ("false_call_rate: 7", "false-call rate"),
+    ("threshold_quantile: 0.99", "threshold_quantile is no longer an option: the threshold is set for a false-call rate"),
 ])
 def test_config_values_are_not_silently_coerced(synthetic_mvtec, tmp_path, yaml_text, message):
     cfg = tmp_path / "c.yaml"

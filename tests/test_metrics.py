@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
+from stfpm_edge.errors import StfpmError
 from stfpm_edge.metrics import aupro, best_f1, evaluate_scores
 from stfpm_edge.scoring import normalized_score
-from stfpm_edge.thresholds import threshold_from_normal
+from stfpm_edge.thresholds import MIN_TAIL_SCORES, fit_threshold, operating_points
 
 
 def test_image_auroc_known_cases():
@@ -64,9 +65,41 @@ def test_pixel_metrics_use_only_labelled_images_and_valid_pixels():
     assert any("no mask" in n for n in m["notes"])
 
 
-def test_threshold_from_normal_scores():
-    scores = np.arange(101, dtype=float)  # 0..100
-    assert threshold_from_normal(scores, 0.99) == pytest.approx(99.0)
-    assert threshold_from_normal(scores, 1.0) == 100.0
+def test_the_normalised_score_is_one_half_at_the_threshold():
     assert float(normalized_score(99.0, 99.0)) == pytest.approx(0.5)
     assert float(normalized_score(1000.0, 99.0)) == 1.0
+
+
+def test_a_false_call_rate_becomes_the_threshold_good_parts_exceed_at_that_rate():
+    rng = np.random.default_rng(0)
+    truth = 1.0 + rng.gamma(4.0, 0.05, size=2_000_000)  # a skewed good-score distribution, known to many digits
+    want = float(np.quantile(truth, 1 - 0.005))
+    # 300 good scores: the tail fit lands near the true 99.5 % point, and its bootstrap range holds it
+    errors = []
+    for seed in range(6):
+        sample = 1.0 + rng.gamma(4.0, 0.05, size=300)
+        entry = fit_threshold(sample, 0.005, "tail", seed)
+        errors.append(entry["image"] - want)
+        assert entry["n_scores"] == 300 and entry["rule"] == "tail" and entry["range_90"][0] <= entry["image"] <= entry["range_90"][1]
+    assert abs(float(np.median(errors))) < 0.03 * want
+    # 40 good scores and a rate of 1 in 1000: the empirical quantile is their maximum, the tail fit goes beyond it
+    small = 1.0 + rng.gamma(4.0, 0.05, size=40)
+    assert fit_threshold(small, 0.001, "quantile")["image"] <= small.max()
+    assert fit_threshold(small, 0.001, "tail")["image"] > small.max()
+
+
+def test_too_few_good_scores_fall_back_to_their_maximum_and_say_how_many_are_needed():
+    entry = fit_threshold(np.arange(MIN_TAIL_SCORES - 1, dtype=float), 0.005)
+    assert entry["image"] == MIN_TAIL_SCORES - 2 and entry["rule"] == "max" and f"at least {MIN_TAIL_SCORES}" in entry["warning"]
+    with pytest.raises(StfpmError, match="false-call rate"):
+        fit_threshold(np.arange(100, dtype=float), 0.7)
+    with pytest.raises(StfpmError, match="no good images"):
+        fit_threshold(np.zeros(0), 0.01)
+
+
+def test_operating_points_report_misses_at_false_call_rates_on_the_test_set():
+    labels = np.array([0] * 100 + [1] * 10)
+    scores = np.concatenate([np.arange(100, dtype=float), np.arange(95, 105, dtype=float)])
+    points = {p["false_call_rate"]: p for p in operating_points(labels, scores)}
+    assert points[0.001]["good_flagged"] == 0 and points[0.001]["miss_rate"] == pytest.approx(0.5)  # 95..99 pass
+    assert points[0.05]["good_flagged"] == 5 and points[0.05]["miss_rate"] == 0.0  # threshold 94: every defect above

@@ -157,6 +157,24 @@ def test_greedy_coreset_covers_every_cluster():
     assert len(greedy_coreset(x, 5000, g)) == 1000  # asking for more rows than there are keeps them all
 
 
+def test_the_lazy_selection_chooses_the_rows_the_plain_greedy_chooses():
+    """The CPU's lazy k-centre (blocks brought up to date only when they could hold the farthest row) against the plain
+    loop written out here: the same rows in the same order, on clustered data with several blocks, and per level."""
+    from stfpm_edge.model import CORESET_BLOCK, _lazy_greedy, coreset_levels
+
+    g = torch.Generator().manual_seed(3)
+    centres = torch.randn(40, 8, generator=g)
+    x = torch.nn.functional.normalize(centres.repeat_interleave(100, 0) + 0.3 * torch.randn(4000, 8, generator=g), dim=1)
+    assert len(x) > 4 * CORESET_BLOCK
+    chosen, nearest = [17], (2 - 2 * (x @ x[17])).double()
+    for _ in range(299):
+        chosen.append(int(nearest.argmax()))
+        nearest = torch.minimum(nearest, (2 - 2 * (x @ x[chosen[-1]])).double())
+    assert _lazy_greedy(x.numpy(), 300, 17).tolist() == chosen
+    levels = coreset_levels([x, x[:1000], x[:50]], [300, 100, 80], torch.Generator().manual_seed(0))
+    assert [len(c) for c in levels] == [300, 100, 50] and len(set(levels[0].tolist())) == 300
+
+
 def test_hard_feature_loss_keeps_only_the_largest_distances_per_level():
     # one level, four positions with distances 0.4, 0, 2, 0 (as above): the top half is {2, 0.4}
     t = torch.tensor([[[[3.0, 1.0, 1.0, 1.0]], [[4.0, 0.0, 0.0, 0.0]]]])

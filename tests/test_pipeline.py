@@ -255,3 +255,26 @@ def test_live_prometheus_metrics_per_source(tmp_path):
     # observed just before the frame is counted: a scrape may fall in between
     assert inspected <= last[("stfpm_stage_latency_seconds_count", (("source", name), ("stage", "inference")))] <= inspected + 1
     assert ("stfpm_fps", (("source", name),)) in last
+
+
+def test_anomalous_frames_list_their_defect_regions_and_a_minimum_area_keeps_small_ones_good(tmp_path):
+    """A 48x64 frame on a 32x32 model: a 10x10 dark square (frames 3, 9) and a 2x2 speck (frame 6). Each frame above the
+    threshold lists its regions in source pixels (and mm² with a scale); a 20 mm² minimum at 0.5 mm per pixel (25 mm² for
+    the square, about 1 for the speck) keeps the speck's frame good and still rejects the squares."""
+    frames = list(_frames(12, bad={3, 9}))
+    frames[6][30:32, 40:42] = 0
+    from stfpm_edge.stream.inspection import AreaRule
+
+    plain = run_stream(lambda: DarkSpotEngine(), IterSource(iter([f.copy() for f in frames]), "gen"), RunOptions(tmp_path / "a"))
+    recs = _records(tmp_path / "a")
+    assert plain["accounted"] and {r["frame"] for r in recs if r["verdict"] == "anomalous"} == {3, 6, 9}
+    square = recs[3]["regions"]
+    assert len(square) == 1 and square[0]["peak"] == 1.0
+    x, y, w, h = square[0]["box"]  # the square at x, y = 10..19 in source pixels, up to the 32 -> 48x64 resampling
+    assert abs(x - 10) <= 2 and abs(y - 10) <= 2 and 8 <= w <= 12 and 8 <= h <= 12 and 64 <= square[0]["area_px"] <= 144
+    assert "regions" not in recs[0]  # a good frame has none
+    ruled = run_stream(lambda: DarkSpotEngine(), IterSource(iter([f.copy() for f in frames]), "gen"),
+                       RunOptions(tmp_path / "b", area=AreaRule(min_area=20.0, mm_per_pixel=0.5)))
+    recs = _records(tmp_path / "b")
+    assert ruled["accounted"] and {r["frame"] for r in recs if r["verdict"] == "anomalous"} == {3, 9}
+    assert recs[6]["verdict"] == "good" and recs[6]["regions"][0]["area_mm2"] < 20.0 <= recs[3]["regions"][0]["area_mm2"]

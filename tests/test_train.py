@@ -389,9 +389,11 @@ def test_memory_reference_trains_without_epochs_exports_at_parity_and_reloads(sy
     assert metrics["image_auroc"] > 0.9  # the generated defects stand out of the teacher's own good features
     assert isinstance(model.student, MemoryBank) and [len(b) for b in model.student.banks()] == [300, 16 * n, 16 * n]
     assert "student" not in read_checkpoint(run_dir / "model.pt")
-    # nothing is selected on the validation split, so it joins the calibration split in setting the threshold
-    assert len(meta["normal_stats"]["heldout_scores"]) == meta["dataset"]["n_val"] + meta["dataset"]["n_calib"]
-    assert "validation and calibration" in meta["threshold"]["rule"]
+    # the threshold rests on every good image: both held-out splits, and each bank image scored without its own rows
+    stats, d = meta["normal_stats"], meta["dataset"]
+    assert stats["heldout_sources"] == [["calibration", d["n_calib"]], ["validation", d["n_val"]], ["bank images, own rows left out", d["n_train"]]]
+    assert len(stats["heldout_scores"]) == d["n_val"] + d["n_calib"] + d["n_train"]
+    assert meta["threshold"]["n_scores"] == len(stats["heldout_scores"]) and meta["threshold"]["image"] == metrics["threshold"]
     result = CliRunner().invoke(app, ["export", str(run_dir / "model.pt"), "--out", str(tmp_path / "m.onnx"), "--data", str(synthetic_mvtec)])
     assert result.exit_code == 0 and "parity: OK" in result.output, result.output
     with pytest.raises(StfpmError, match="reference"):
@@ -457,3 +459,32 @@ def test_the_decay_schedule_keeps_the_rate_then_falls_over_the_last_fifth_and_re
     assert lr_schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4), "constant", 100) is None
     with pytest.raises(StfpmError, match="lr_schedule"):
         load_config(None, dict(data="x", lr_schedule="step"))
+
+
+def test_a_bank_image_left_out_scores_as_against_a_memory_built_without_it():
+    """``own_rows_left_out_scores`` on a memory that keeps every row: image i's score is its score against a memory of
+    the other images' features, and never lower than against the full memory."""
+    from stfpm_edge.model import STFPM, MemoryBank, MemorySearch, memory_rows
+    from stfpm_edge.train import own_rows_left_out_scores
+
+    torch.manual_seed(0)
+    model = STFPM.build("tf_efficientnet_lite0", pretrained=False).eval()
+    images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    search = MemorySearch()
+    with torch.inference_mode():
+        rows = memory_rows(model.teacher(model.normalize(torch.from_numpy(images))), search)  # per level [4, h, w, C]
+    banks = [r.reshape(-1, r.shape[-1]) for r in rows]
+    owners = [torch.arange(4).repeat_interleave(r.shape[1] * r.shape[2]) for r in rows]
+    model.student = MemoryBank(banks, search)
+    with torch.inference_mode():
+        full = model(torch.from_numpy(images))[1].numpy()
+    left_out = own_rows_left_out_scores(model, images, owners)
+    assert isinstance(model.student, MemoryBank) and len(model.student.banks()[0]) == len(banks[0])  # the full memory is back
+    for i in range(4):
+        others = MemoryBank([b[o != i] for b, o in zip(banks, owners)], search)
+        with torch.inference_mode():
+            model.student, keep = others, model.student
+            alone = float(model(torch.from_numpy(images[i : i + 1]))[1][0])
+            model.student = keep
+        assert left_out[i] == pytest.approx(alone, rel=1e-5) and left_out[i] >= full[i] - 1e-7
+    assert (left_out > full + 1e-6).any()  # its own rows made each image a perfect match; without them it is not

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..engines.base import EngineUnavailable
-from ..scoring import normalized_score, verdict
+from ..scoring import defect_regions, is_anomalous, normalized_score, verdict_with_area
 from .capture import END
 from .sources import Frame
 
@@ -40,6 +40,16 @@ class Result:
     verdict: str
     map: np.ndarray  # at model size
     threshold: float  # the one the verdict used (an operator may change it during a run)
+    regions: list | None = None  # above the threshold: its defect regions (scoring.defect_regions), the largest first
+
+
+@dataclass(frozen=True)
+class AreaRule:
+    """How a frame above the threshold is measured: ``mm_per_pixel`` (source pixels) gives areas in mm²;
+    ``min_area`` (mm² with a scale, else source pixels): a frame whose regions are all smaller stays good."""
+
+    min_area: float | None = None
+    mm_per_pixel: float | None = None
 
 
 @dataclass
@@ -60,8 +70,10 @@ class Inspector:
     failed to open (``error`` holds why). The results queue always ends with ``END``.
     """
 
-    def __init__(self, engine_factory: Callable[[], Any], handover, stop: threading.Event, roi=None, results_size: int = 8):
+    def __init__(self, engine_factory: Callable[[], Any], handover, stop: threading.Event, roi=None, results_size: int = 8,
+                 area: AreaRule | None = None):
         self.engine_factory, self.handover, self.stop, self.roi = engine_factory, handover, stop, roi
+        self.area = area or AreaRule()
         self.results: queue.Queue = queue.Queue(maxsize=results_size)
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -98,29 +110,32 @@ class Inspector:
             if frame.image is None:
                 continue
             try:
-                fitted, _ = engine.geometry.fit_image(crop(frame.image, self.roi))
+                region = crop(frame.image, self.roi)
+                fitted, box = engine.geometry.fit_image(region)
             except ValueError as exc:
                 frame.error = str(exc)
                 continue
             lat["preprocess"] = (time.perf_counter() - t0) * 1e3
-            ready.append((insp, fitted))
+            ready.append((insp, fitted, (box.x0, box.y0, box.x1, box.y1), region.shape[:2]))
         if not ready:
             return out
         t1 = time.perf_counter()
         try:
-            maps, scores = engine.infer(np.stack([f for _, f in ready]))
+            maps, scores = engine.infer(np.stack([r[1] for r in ready]))
         except EngineUnavailable as exc:  # a served model away for a moment: these frames fail, the run goes on
-            for insp, _ in ready:
+            for insp, *_ in ready:
                 insp.frame.error = str(exc)
                 insp.latency_ms.pop("preprocess", None)
             return out
         t2 = time.perf_counter()
-        thr = self.threshold
-        for k, (insp, _) in enumerate(ready):
+        thr, area = self.threshold, self.area
+        for k, (insp, _, content, size) in enumerate(ready):
             score = float(scores[k])
-            insp.result = Result(score, float(normalized_score(score, thr)), verdict(score, thr), maps[k], thr)
+            regions = defect_regions(maps[k], thr, content, size, area.mm_per_pixel) if bool(is_anomalous(score, thr)) else None
+            judged = verdict_with_area(score, thr, regions or [], area.min_area, area.mm_per_pixel is not None)
+            insp.result = Result(score, float(normalized_score(score, thr)), judged, maps[k], thr, regions)
         t3 = time.perf_counter()
-        for insp, _ in ready:
+        for insp, *_ in ready:
             insp.latency_ms.update(inference=(t2 - t1) * 1e3, postprocess=(t3 - t2) * 1e3)
             insp.batch = len(ready)
         return out

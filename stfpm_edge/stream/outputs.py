@@ -277,4 +277,6 @@ def frame_record(insp: Inspection) -> dict[str, Any]:
     r = insp.result
     record.update({"status": "inspected", "score": r.score, "normalized_score": r.normalized_score, "verdict": r.verdict,
                    "latency_ms": {k: round(v, 3) for k, v in insp.latency_ms.items()}})
+    if r.regions is not None:  # above the threshold: where, how large, how strong (a frame kept good by --min-defect-area too)
+        record["regions"] = r.regions
     return record

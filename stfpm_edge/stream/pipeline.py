@@ -21,7 +21,7 @@ from ..fileio import ReservedJson, mask_secrets
 from ..scoring import ANOMALOUS
 from .capture import END, Capture, Mux, Reconnect, handover_for
 from .counters import Counters, merged, summarize
-from .inspection import Inspector
+from .inspection import AreaRule, Inspector
 from .outputs import AnomalyFiles, JsonlWriter, Output, Picture, VideoOutput, Window, frame_record
 from .sources import Source
 
@@ -44,6 +44,7 @@ class RunOptions:
     max_batch: int | None = None  # several sources: most frames per engine call [default: one per source]
     metrics_port: int | None = None  # live Prometheus metrics on this port (0: any free port)
     metrics_host: str = "127.0.0.1"
+    area: AreaRule = field(default_factory=AreaRule)  # defect regions in mm², the inspection spec's minimum defect area
 
     def check_sources(self, n: int) -> None:
         """Refuse the outputs that take one source when a run has ``n`` > 1."""
@@ -146,10 +147,10 @@ class StreamRun:
         if self.multi:
             mux = Mux([src.live for src in sources], max_batch=opts.max_batch)
             self.handovers: list = [mux.port(i) for i in range(len(sources))]
-            self.inspector = Inspector(engine_factory, mux, stop, opts.roi)
+            self.inspector = Inspector(engine_factory, mux, stop, opts.roi, area=opts.area)
         else:
             self.handovers = [handover_for(sources[0])]
-            self.inspector = Inspector(engine_factory, self.handovers[0], stop, opts.roi)
+            self.inspector = Inspector(engine_factory, self.handovers[0], stop, opts.roi, area=opts.area)
         self.station = self.live = None
         self.captures: list[Capture] = []
         self.summary_file = ReservedJson(opts.out_dir / "summary.json")

@@ -156,6 +156,22 @@ class Station(Output):
             out["note"] = "this model stores no held-out good scores (trained before they were kept): retrain to see false alarms"
         return out
 
+    def operating(self) -> dict[str, Any]:
+        """The running model's operating curve from its out-of-fold good scores (no defect images on a line): for each
+        threshold, the share of good parts it would reject, with the current threshold and the model's target rate."""
+        held = np.sort(np.asarray((self.inspector.meta.get("normal_stats") or {}).get("heldout_scores") or [], dtype=np.float64))
+        rule = self.inspector.meta.get("threshold") or {}
+        now = self.inspector.threshold
+        out: dict[str, Any] = {"current": now, "model_threshold": rule.get("image"), "target": rule.get("false_call_rate"),
+                               "n": int(held.size), "thresholds": [], "false_call_rate": []}
+        if held.size and now is not None:
+            top = max(float(held[-1]), float(now), float(rule.get("image") or now)) * 1.15
+            grid = np.linspace(float(held[0]), top, 120)
+            out["thresholds"] = grid.tolist()
+            out["false_call_rate"] = (1.0 - np.searchsorted(held, grid, side="right") / held.size).tolist()
+            out["current_false_call_rate"] = float((held > now).mean())
+        return out
+
     def apply(self, value: float, who: str) -> dict[str, Any]:
         old = self.inspector.set_threshold(value)
         event = {"event": "threshold_changed", "old": old, "new": float(value), "by": who, "time": time.time(),
@@ -187,6 +203,9 @@ class Station(Output):
             except (TypeError, ValueError):
                 return None
             return v if np.isfinite(v) else None
+
+        def operating(request: Request):
+            return JSONResponse(self.operating(), headers={"Cache-Control": "no-store"})
 
         def preview(request: Request):
             v = number(request.query_params.get("value"))
@@ -245,7 +264,7 @@ class Station(Output):
                 return Response("not found", status_code=404)
             return FileResponse(path, headers={"Cache-Control": "no-store"})
 
-        routes = [Route("/", page), Route("/api/state", state), Route("/api/threshold/preview", preview),
+        routes = [Route("/", page), Route("/api/state", state), Route("/api/threshold/preview", preview), Route("/api/operating", operating),
                   Route("/api/threshold", change, methods=["POST"]), Route("/stream.mjpg", stream),
                   Route("/anomalies/{name}", files)]
         hosts = list(LOOPBACK_NAMES) if self.loopback else ["*"]
@@ -330,6 +349,8 @@ PAGE = """<!doctype html>
    <button id="check">preview</button> <button id="apply" disabled>apply</button>
    <div id="preview"></div>
   </div>
+  <div class="tile" style="margin-top:12px"><b>operating curve</b>: good parts rejected at each threshold (the model's out-of-fold good images)
+   <svg id="opcurve" viewBox="0 0 300 120" width="100%" height="120" role="img" aria-label="operating curve"></svg><div id="opnote"></div></div>
   <div class="tile" style="margin-top:12px"><b>latest anomalies</b> (click to enlarge)<div id="gallery"></div></div>
  </section>
 </main>
@@ -391,8 +412,23 @@ $('apply').onclick = async () => {
   const r = await fetch('/api/threshold', {method: 'POST', headers, body: JSON.stringify({value: Number($('apply').dataset.value)})});
   const e = await r.json();
   $('preview').textContent = r.ok ? `applied: ${fmt(e.old)} → ${fmt(e.new)} from the next frame on` : e.error;
-  $('apply').disabled = true; refresh();
+  $('apply').disabled = true; refresh(); curve();
 };
-refresh(); setInterval(refresh, 500);
+async function curve() {
+  const o = await (await fetch('/api/operating', {cache: 'no-store'})).json();
+  const svg = $('opcurve'); svg.replaceChildren();
+  if (!o.n) { $('opnote').textContent = 'this model carries no good-image scores: retrain it to see its operating curve'; return; }
+  const x0 = o.thresholds[0], x1 = o.thresholds[o.thresholds.length - 1];
+  const X = v => 30 + 265 * (v - x0) / (x1 - x0), Y = r => 105 - 100 * r;
+  const ns = 'http://www.w3.org/2000/svg', el = (tag, attrs) => { const e = document.createElementNS(ns, tag); for (const k in attrs) e.setAttribute(k, attrs[k]); svg.append(e); return e; };
+  el('line', {x1: 30, y1: 105, x2: 295, y2: 105, stroke: '#666'}); el('line', {x1: 30, y1: 5, x2: 30, y2: 105, stroke: '#666'});
+  el('polyline', {points: o.thresholds.map((t, i) => `${X(t).toFixed(1)},${Y(o.false_call_rate[i]).toFixed(1)}`).join(' '), fill: 'none', stroke: '#6cf', 'stroke-width': 2});
+  el('line', {x1: X(o.current), y1: 5, x2: X(o.current), y2: 105, stroke: '#f66', 'stroke-dasharray': '4 3', id: 'opcurrent'});
+  const t = el('text', {x: 33, y: 14, fill: '#bbb', 'font-size': 9}); t.textContent = '100 % of good parts rejected';
+  const b = el('text', {x: 33, y: 117, fill: '#bbb', 'font-size': 9}); b.textContent = `threshold ${fmt(x0)} … ${fmt(x1)}`;
+  $('opnote').textContent = `current threshold ${fmt(o.current)}: ${(100 * o.current_false_call_rate).toFixed(1)} % of ${o.n} good images above it` +
+    (o.target ? ` (the model was set for ${(100 * o.target).toPrecision(2)} %)` : '');
+}
+refresh(); curve(); setInterval(refresh, 500); setInterval(curve, 5000);
 </script></body></html>
 """
