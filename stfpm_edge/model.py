@@ -463,10 +463,10 @@ class STFPM(nn.Module):
 
     @classmethod
     def build(cls, backbone: str, teacher_weights: str | Path | None = None, pretrained: bool = True,
-              layers: Sequence[int] | None = None, post: MapPost | None = None, student_backbone: str | None = None) -> "STFPM":
-        """The teacher with ImageNet weights and a random student: the teacher's own network, or ``student_backbone``'s."""
+              layers: Sequence[int] | None = None, post: MapPost | None = None) -> "STFPM":
+        """The teacher with ImageNet weights and a random student of the same network."""
         teacher = backbones.create_teacher(backbone, teacher_weights, layers) if pretrained else _frozen(backbones.create_features(backbone, layers))
-        return cls(backbone, teacher, create_student(student_backbone or backbone, layers, teacher), post).to(memory_format=torch.channels_last)
+        return cls(backbone, teacher, create_student(backbone, layers, teacher), post).to(memory_format=torch.channels_last)
 
     def half_backbones(self) -> "STFPM":
         """Networks in FP16 (the FP16 export); the head and a memory bank stay FP32 (distances near 0 need the bits)."""
@@ -513,12 +513,11 @@ class STFPM(nn.Module):
 
 
 def create_student(name: str, layers: Sequence[int] | None, teacher: nn.Module) -> nn.Module:
-    """A random feature pyramid of ``name`` whose levels must have the teacher's widths (the distance compares them channel by channel)."""
+    """A random feature pyramid of ``name`` whose levels have the teacher's widths (the distance compares them channel by channel)."""
     student = backbones.create_features(name, layers)
     theirs, ours = list(teacher.feature_info.channels()), list(student.feature_info.channels())
     if theirs != ours:
-        raise StfpmError(f"student backbone {name} gives levels of {ours} channels, the teacher's have {theirs}; choose a student with the "
-                         "teacher's widths (tf_efficientnet_lite0 and lite1 share them: a lite1 student is a deeper one for a lite0 teacher)")
+        raise StfpmError(f"student network {name} gives levels of {ours} channels, the teacher's have {theirs}")
     return student
 
 

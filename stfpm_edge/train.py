@@ -79,49 +79,6 @@ def teacher_batches(model: STFPM, images, batch_size: int):
         yield model.teacher(model.normalize(torch.from_numpy(images[i : i + batch_size]).to(device)))
 
 
-class TargetMemory:
-    """The good training images' own teacher features at the deepest level, searched at training time only (``memory_target``).
-
-    ``nearest`` answers, for every position of a batch, the closest row (squared distance, the standardised student's
-    metric) among the features of the *other* training images: the normal feature nearest to what the teacher sees
-    there. The student regresses it beside the teacher's own feature, so a rare detail of one good image pulls it
-    towards what good images share instead of being copied. At most ``rows`` rows (a random subset; each step
-    searches them all); nothing of it is exported, the graph stays the pair's.
-    """
-
-    def __init__(self, model: STFPM, images, batch_size: int, rows: int, seed: int):
-        if len(images) < 2:
-            raise StfpmError("memory_target needs at least two training images: each image's target comes from the others")
-        with torch.inference_mode():
-            deep = [levels[-1].float().permute(0, 2, 3, 1).cpu() for levels in teacher_batches(model, images, batch_size)]
-        bank = torch.cat(deep).flatten(0, 2).clone()  # [images x positions, C], image by image in order
-        owners = torch.arange(len(bank)) // (len(bank) // len(images))  # each image has the same positions
-        if len(bank) > rows:
-            keep = torch.randperm(len(bank), generator=torch.Generator().manual_seed(seed))[:rows]
-            bank, owners = bank[keep], owners[keep]
-        device = next(model.parameters()).device
-        self.bank, self.owner = bank.to(device), owners.to(device)
-        self.bank_t = self.bank.T.contiguous()
-        self.sq = self.bank.pow(2).sum(dim=1)
-
-    @torch.no_grad()
-    def nearest(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Deepest-level teacher features [N, C, h, w] of training images ``idx`` -> their nearest rows of other images."""
-        n, c, h, w = t.shape
-        q = t.float().permute(0, 2, 3, 1).reshape(n, h * w, c)
-        out = torch.empty_like(q)
-        for j, image in enumerate(idx.tolist()):  # one image's positions at a time: its own rows are out of reach
-            sq = self.sq.masked_fill(self.owner == image, float("inf"))
-            d = torch.addmm(sq, q[j], self.bank_t, alpha=-2.0)  # |b|^2 - 2 q.b; + |q|^2, the same for every row, ranks nothing
-            out[j] = self.bank[d.argmin(dim=1)]
-        return out.reshape(n, h, w, c).permute(0, 3, 1, 2)
-
-
-# rows of the training-time memory; every position of every step searches them all (screw, one thread beside another
-# training: 40.7 s per epoch against 38.1-39.6 s without; README "The student, reproduced", session 12)
-MEMORY_TARGET_ROWS = 8192
-
-
 def teacher_stats(model: STFPM, images, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per level, the channel means and spreads of the teacher's features of these (unaugmented) images."""
     with torch.inference_mode():
@@ -160,30 +117,6 @@ def augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Ten
     raise StfpmError(f"unknown augmentation {mode!r}")
 
 
-def synthetic_defects(x: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:
-    """A share of a normalised batch [N, C, H, W] with a synthetic defect pasted in, drawn per image.
-
-    The defect's shape is thresholded smooth noise (blobs covering 0.5-5% of the image, one or
-    several), its content another image of the batch turned upside down or this image with its
-    contrast and brightness changed, blended at 50-100%. Training asks the student for the
-    teacher's features of the *clean* image there, so the student learns to answer "normal" where
-    the input is not, and its distance to the teacher grows on real defects (a denoising student).
-    """
-    n, _, h, w = x.shape
-    dev = x.device
-    rand = lambda *shape: torch.rand(*shape, generator=generator).to(dev, x.dtype)  # noqa: E731
-    grid = int(torch.randint(2, 5, (1,), generator=generator)) ** 2  # 4, 9 or 16 cells a side: blob size
-    noise = F.interpolate(rand(n, 1, grid, grid), size=(h, w), mode="bicubic", align_corners=False).flatten(1)
-    area = 0.005 + 0.045 * rand(n)
-    cut = noise.sort(dim=1, descending=True).values.gather(1, (area * h * w).long().clamp_min(1).view(-1, 1) - 1)
-    mask = (noise >= cut).view(n, 1, h, w).to(x.dtype) * (0.5 + 0.5 * rand(n, 1, 1, 1))
-    other = x.roll(1, dims=0).flip(2, 3)
-    jitter = x * (0.3 + 1.4 * rand(n, 1, 1, 1)) + (rand(n, 1, 1, 1) * 2 - 1)
-    content = torch.where(rand(n, 1, 1, 1) < 0.5, other, jitter)
-    chosen = (rand(n, 1, 1, 1) < share).to(x.dtype)
-    return x + chosen * mask * (content - x)
-
-
 def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``amp`` on ``device``, or None for full FP32."""
     if mode == "off":
@@ -208,14 +141,12 @@ def _cpu_has_bf16() -> bool:
 
 
 def run_epoch(model: STFPM, images: np.ndarray, cache: TeacherCache | None, optimizer, cfg: TrainConfig, generator: torch.Generator,
-              amp: torch.dtype | None = None, scaler=None, average=None, memory: TargetMemory | None = None) -> dict[str, float]:
-    """One pass of the student over the training images; returns the mean batch losses: ``train_loss`` against the teacher
-    (what validation measures, so the two compare) and, with ``memory``, ``memory_loss``, its own term before its weight.
-    ``average`` (an AveragedModel) takes the student's weights after every step; ``memory``: the deepest level also
-    regresses its nearest good feature."""
+              amp: torch.dtype | None = None, scaler=None) -> dict[str, float]:
+    """One pass of the student over the training images; returns the mean batch loss against the teacher (``train_loss``,
+    what validation measures, so the two compare)."""
     model.train()
     device = next(model.parameters()).device
-    losses, memory_losses = [], []
+    losses = []
     for idx in _batches(len(images), cfg.batch_size, generator):
         x = model.normalize(torch.from_numpy(images[idx.numpy()]).to(device))
         x = augment(x, cfg.augment, generator)
@@ -225,15 +156,8 @@ def run_epoch(model: STFPM, images: np.ndarray, cache: TeacherCache | None, opti
             else:
                 with torch.no_grad():
                     t = model.teacher(x)
-            if cfg.synthetic > 0:  # the teacher saw the clean image: the target where the student sees a defect
-                x = synthetic_defects(x, cfg.synthetic, generator)
             s = model.student(x)
-        teacher_loss = stfpm_loss([f.float() for f in t], [f.float() for f in s], cfg.hard_fraction, model.metric)
-        loss = teacher_loss
-        if memory is not None:
-            memory_loss = stfpm_loss([memory.nearest(t[-1], idx)], [s[-1].float()], cfg.hard_fraction, model.metric[-1:])
-            loss = loss + cfg.memory_target * memory_loss
-            memory_losses.append(memory_loss.item())
+        loss = stfpm_loss([f.float() for f in t], [f.float() for f in s], cfg.hard_fraction, model.metric)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -242,13 +166,8 @@ def run_epoch(model: STFPM, images: np.ndarray, cache: TeacherCache | None, opti
         else:
             loss.backward()
             optimizer.step()
-        if average is not None:
-            average.update_parameters(model.student)
-        losses.append(teacher_loss.item())
-    out = {"train_loss": float(np.mean(losses))}
-    if memory_losses:
-        out["memory_loss"] = float(np.mean(memory_losses))
-    return out
+        losses.append(loss.item())
+    return {"train_loss": float(np.mean(losses))}
 
 
 # lr_schedule "decay": the share of the epochs, at the end, over which the rate falls linearly towards 0
@@ -258,33 +177,21 @@ LR_DECAY_SHARE = 0.2
 def lr_schedule(optimizer, name: str, epochs: int):
     """The rate's schedule over the run's epochs (stepped once per epoch; resumable), or None for a constant rate.
 
-    ``cosine`` decays from lr to 0 over all epochs. ``decay`` keeps lr, then falls linearly over the last
-    LR_DECAY_SHARE of the epochs (to lr / (n + 1) in the last of n): at a constant lr 0.4 a screw student's
-    evaluation-mode loss spikes from epoch to epoch (1.15 -> 3.42 between two epochs) and its test image AUROC
-    with it (0.11-0.92 over epochs 40-100; benchmarks/trajectory.py), so where a run ends decides what it keeps.
+    ``decay`` keeps lr, then falls linearly over the last LR_DECAY_SHARE of the epochs (to lr / (n + 1) in the last of
+    n): at a constant lr 0.4 a screw student's evaluation-mode loss spikes from epoch to epoch (1.15 -> 3.42 between two
+    epochs) and its test image AUROC with it (0.11-0.92 over epochs 40-100; docs/results.md), so where a run ends
+    decides what it keeps.
     """
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
     if name == "decay":
         n = max(1, round(LR_DECAY_SHARE * epochs))
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: min(1.0, (epochs - epoch) / (n + 1)))
     return None
 
 
-def weight_average(student: torch.nn.Module, epochs: float, steps_per_epoch: int):
-    """An exponential moving average of ``student``'s weights and batch-norm statistics over about ``epochs`` epochs."""
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    decay = 1.0 - 1.0 / max(1.0, epochs * steps_per_epoch)  # a window of 1 / (1 - decay) optimiser steps
-    return AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-
-
-def validation_loss(model: STFPM, images: np.ndarray, cache: TeacherCache | None, batch_size: int,
-                    student: torch.nn.Module | None = None) -> float:
-    """The mean loss of ``student`` (default: the model's own) on the validation images."""
-    student = student if student is not None else model.student
+def validation_loss(model: STFPM, images: np.ndarray, cache: TeacherCache | None, batch_size: int) -> float:
+    """The mean loss of the model's student on the validation images."""
+    student = model.student
     model.eval()
-    student.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.inference_mode():
@@ -348,7 +255,7 @@ def _prepare(cfg: TrainConfig, resume: bool, progress: bool, store: TrainingStor
 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    model = STFPM.build(cfg.backbone, cfg.teacher_weights, layers=layers, post=post, student_backbone=cfg.student_backbone or None).to(device)
+    model = STFPM.build(cfg.backbone, cfg.teacher_weights, layers=layers, post=post).to(device)
     if cfg.feature_norm != "none":  # before anything reads the teacher: the cache and the student's targets see standardised levels
         model.teacher = FeatureNorm(model.teacher, *teacher_stats(model, train_imgs, cfg.batch_size), STANDARDISED_LEVELS[cfg.feature_norm])
     use_cache = cfg.cache_teacher and cfg.augment == "none" and cfg.reference == "student"
@@ -371,17 +278,11 @@ def _fit(p: Prepared, resume: bool, progress: bool) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     start_epoch, best_loss, best_epoch, best_state, history = 0, float("inf"), -1, None, []
-    steps_per_epoch = math.ceil(len(p.train_imgs) / cfg.batch_size)
-    average = weight_average(model.student, cfg.average_epochs, steps_per_epoch) if cfg.average_epochs > 0 else None
-    # its own seed: drawing the memory's rows leaves the generator of the batches and augmentations as it was
-    memory = TargetMemory(model, p.train_imgs, cfg.batch_size, MEMORY_TARGET_ROWS, cfg.seed) if cfg.memory_target > 0 else None
     if resume and (run_dir / LAST).is_file():
         state = torch.load(run_dir / LAST, map_location="cpu", weights_only=True)
         if state.get("config", {}).get("backbone") != cfg.backbone:
             raise StfpmError(f"{run_dir / LAST}: was trained with another backbone; cannot resume with {cfg.backbone}")
         model.student.load_state_dict({k: v.to(device) for k, v in state["student"].items()})
-        if average is not None:
-            average.load_state_dict(state["average"])
         optimizer.load_state_dict(state["optimizer"])
         if schedule is not None and state.get("schedule"):
             schedule.load_state_dict(state["schedule"])
@@ -395,26 +296,21 @@ def _fit(p: Prepared, resume: bool, progress: bool) -> dict[str, Any]:
     bar = tqdm(range(start_epoch, cfg.epochs), desc="training", unit="epoch", disable=not progress, initial=start_epoch, total=cfg.epochs)
     for epoch in bar:
         t0 = time.perf_counter()
-        losses = run_epoch(model, p.train_imgs, p.cache_train, optimizer, cfg, generator, amp, scaler, average, memory)
+        losses = run_epoch(model, p.train_imgs, p.cache_train, optimizer, cfg, generator, amp, scaler)
         train_loss = losses["train_loss"]
         val_loss = validation_loss(model, p.val_imgs, p.cache_val, cfg.batch_size)
         if schedule is not None:
             schedule.step()
         if not all(np.isfinite(v) for v in losses.values()):
             raise StfpmError(f"training diverged at epoch {epoch + 1} (losses {losses}); lower --lr")
-        # the student a run keeps: its averaged weights when it averages, else the trained weights; val_loss is always its loss
-        kept = average.module if average is not None else model.student
         record = {"epoch": epoch + 1, **losses, "val_loss": val_loss}
-        if average is not None:
-            record.update(val_loss=validation_loss(model, p.val_imgs, p.cache_val, cfg.batch_size, kept), val_loss_trained=val_loss)
         if record["val_loss"] < best_loss or cfg.select == "last":
             best_loss, best_epoch = record["val_loss"], epoch
-            best_state = {k: v.detach().clone() for k, v in kept.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in model.student.state_dict().items()}
         history.append({**record, "seconds": time.perf_counter() - t0})
         bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{record['val_loss']:.4f}", best=f"{best_loss:.4f}@{best_epoch + 1}")
         atomic_torch_save(run_dir / LAST, {
             "config": cfg.to_dict(), "epoch": epoch, "student": model.student.state_dict(),
-            "average": average.state_dict() if average is not None else None,
             "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "schedule": schedule.state_dict() if schedule else None,
             "best_loss": best_loss, "best_epoch": best_epoch, "best_student": best_state, "history": history,
         })
@@ -554,7 +450,6 @@ def _finish(p: Prepared, training: dict[str, Any], progress: bool) -> tuple[Path
         "layers": list(model.teacher.feature_info.out_indices),
         "map_post": model.post.to_dict(),
         "feature_norm": cfg.feature_norm,
-        **({"student_backbone": cfg.student_backbone or cfg.backbone} if cfg.reference == "student" else {}),
         **({"memory_search": model.student.search.to_dict()} if cfg.reference == "memory" else {}),
         "geometry": geometry.to_dict(),
         "input": {"dtype": "uint8", "layout": "NHWC", "colour_order": "BGR"},

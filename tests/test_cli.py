@@ -294,5 +294,15 @@ def test_help_prints_the_defaults_it_states():
     """The help texts end in "[default: ...]": printed as written, not swallowed as a markup tag."""
     out = runner.invoke(app, ["train", "--help"], terminal_width=100).output
     flat = " ".join(out.split())
-    assert "[default: 0.99]" in flat and "[default: memory]" in flat
-    assert "student: only this share of positions" in flat and "(0 = all, the paper) [default: 0.1]" in flat
+    assert "[default: 0.005]" in flat and "[default: memory]" in flat
+    assert "student: constant (the paper) or decay" in flat and "the last fifth of --epochs) [default: decay]" in flat
+
+
+def test_train_help_lists_at_most_thirty_options_and_names_the_config_only_ones():
+    out = runner.invoke(app, ["train", "--help"], terminal_width=200).output
+    import re
+
+    options = set(re.findall(r"^\W*(--[a-z][a-z-]+)", out, flags=re.M)) - {"--help"}
+    assert len(options) <= 30, sorted(options)
+    assert "--synthetic" not in options and "--memory-target" not in options and "--average-epochs" not in options
+    assert "memory_aggregate" in " ".join(out.split())  # the settings without a flag are named: a --config file takes them

@@ -15,7 +15,7 @@ PKG = Path(stfpm_edge.__file__).parent
 RUN_SIDE = ("geometry", "scoring", "timing", "fileio", "errors", "onnxmeta", "render", "engines", "stream", "serve")
 TRAINING_SIDE = ("datasets", "store", "train", "evaluate", "metrics", "thresholds", "report", "bench", "demo", "synthetic",
                  "config", "calib", "export", "cli")
-MODEL = ("model", "backbones", "checkpoint")
+MODEL = ("model", "backbones", "checkpoint", "retired")
 
 
 def module_name(path: Path) -> str:
