@@ -14,7 +14,7 @@ recompute the threshold on the same held-out good images and evaluate again.
 Columns: image AUROC, pixel AUROC, pixel F1, AUPRO@0.3, image F1 at the operating threshold, the
 false-alarm rate on test good images (never trained on, never used for selection or threshold),
 median seconds per epoch, and inference ms per frame (PyTorch fused model, batch 1, this machine's
-threads; an ONNX Runtime export is about 2.5x faster, see the README's latency table).
+threads; an ONNX Runtime export is about 2.5x faster, see docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ VARIANTS: dict[str, dict] = {
     "norm-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, feature_norm="channel"),
     "norm-hard-e30": dict(reference="student", epochs=30, augment="rotate", blur_sigma=4.0, feature_norm="channel", hard_fraction=0.1),
     "norm-hard-e100": dict(reference="student", epochs=100, augment="rotate", blur_sigma=4.0, feature_norm="channel", hard_fraction=0.1),
-    # the standardised student's map from its deepest level alone (README "The student, reproduced")
+    # the standardised student's map from its deepest level alone (docs/results/record.md "The student, reproduced")
     "norm-hard-deep-e200": dict(reference="student", epochs=200, augment="rotate", blur_sigma=4.0, feature_norm="channel", hard_fraction=0.1,
                                 level_weights="0,0,1"),
     "norm-hard-deep-e60": dict(reference="student", epochs=60, augment="rotate", blur_sigma=4.0, feature_norm="channel", hard_fraction=0.1,

@@ -12,7 +12,8 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv || true
 if ! $PY -c "import torch; assert torch.cuda.is_available(); print('torch', torch.__version__, '|', torch.cuda.get_device_name(0))" 2>/dev/null; then
   cat <<'PLAN'
 PyTorch sees no CUDA GPU here, so nothing was measured. With one, this script measures:
-  1. a memory model (the default reference) and a 10-epoch student, both trained on ../shared/data/mvtec/bottle on the GPU;
+  1. a memory model (the default reference) and a 10-epoch student, both trained on ../shared/data/mvtec/bottle on the GPU,
+     with the memory's build time (teacher pass and k-centre selection) on CUDA;
   2. for each: FP16 against FP32 fidelity on the test images (max |map difference|, verdict flips), and latency per frame at
      batch 1, 8 and 32, FP32 and FP16, eager and replayed as a CUDA graph (benchmarks/torch_gpu.py), printed as one table:
 | reference | precision | batch | eager ms / frame | CUDA graph ms / frame | frames / s (graph) |
@@ -25,6 +26,8 @@ MODEL=${1:-}
 if [ -z "$MODEL" ]; then
   # the default (a memory of the teacher's good features) on the GPU, then a student for the epoch timings
   $PY -m stfpm_edge.cli train --data ../shared/data/mvtec/bottle --out "$OUT/memory" --overlays 0 --device cuda
+  # the memory's build on the GPU (teacher pass and k-centre selection; the CPU's figures: docs/results.md)
+  $PY -c "import json; m = json.load(open('$OUT/memory/metrics.json'))['memory']; print(f\"memory build on CUDA: {m['seconds']:.1f} s, of which the selection {m['coreset_seconds']:.1f} s; pools {m['pool_per_level']}\")" | tee "$OUT/memory_build.txt"
   $PY -m stfpm_edge.cli train --data ../shared/data/mvtec/bottle --reference student --epochs 10 --out "$OUT/run" --overlays 0 --device cuda
   MODEL="$OUT/run/model.pt"
   $PY benchmarks/torch_gpu.py --model "$OUT/memory/model.pt" --data ../shared/data/mvtec/bottle --train-epochs 0 --json "$OUT/torch_gpu_memory.json" 2>&1 | tee "$OUT/torch_gpu_memory.log"

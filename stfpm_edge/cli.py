@@ -98,7 +98,7 @@ def train(
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="share of good training images held out to select the checkpoint (and set the threshold when --calib-fraction is 0) [default: 0.1]"),
     false_call_rate: Optional[float] = typer.Option(None, "--false-call-rate", help="the share of good parts the line may reject (0.005 = 1 in 200); the "
                                                     "threshold is set for it from good images the reference did not learn, no defect image "
-                                                    "needed (README 'The threshold') [default: 0.005]"),
+                                                    "needed (docs/thresholds.md) [default: 0.005]"),
     threshold_rule: Optional[str] = typer.Option(None, "--threshold-rule", help="tail: a generalised Pareto fit of the highest good scores, stable "
                                                  "on small sets; quantile: their empirical quantile [default: tail]"),
     augment: Optional[str] = typer.Option(None, help="rotate (any angle, small shifts), rot90 (flips and quarter turns), flip or none; "
@@ -117,7 +117,7 @@ def train(
                                                "ones raw and compared by the paper's cosine [default: deep]"),
     reference: Optional[str] = typer.Option(None, help="what the teacher is compared with: student (the paper: a network trained for --epochs) or "
                                             "memory (a coreset of the teacher's own features of the good images: no epochs, more inference work; "
-                                            "see README 'Hard parts') [default: memory]"),
+                                            "see docs/results/record.md) [default: memory]"),
     bank_size: Optional[str] = typer.Option(None, "--bank-size", help="memory: feature rows kept per level, one number or one per level (4096,16384,32768); "
                                             "fewer make inference faster [default: 32768]"),
     memory_pool: Optional[str] = typer.Option(None, "--memory-pool", help="memory: per level, average k x k blocks of features before the search, "
@@ -360,7 +360,7 @@ def run(
     zero_copy: bool = typer.Option(False, "--zero-copy", help="TensorRT on Jetson (integrated GPU): mapped host memory instead of copies"),
     sink: List[str] = typer.Option([], "--sink", help="send verdicts to the line, repeatable: mqtt://[user:pw@]host:1883/topic[?send=anomalous], "
                                    "modbus://host:502/coil/N[?pulse_ms=200] (a reject pulse per anomaly), http(s)://... (webhook, anomalies); "
-                                   "see README 'Connecting to the line'"),
+                                   "see docs/line.md"),
     ui: Optional[str] = typer.Option(None, "--ui", help="serve the operator station at host:port (e.g. 127.0.0.1:8080; loopback unless you name another address)"),
     ui_token: Optional[str] = typer.Option(None, "--ui-token", envvar="STFPM_UI_TOKEN", help="token the station asks for before a change; required for a non-loopback --ui"),
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", min=0, max=65535, help="serve live Prometheus metrics (frames per source and state, FPS, stage latency histograms) on this port"),

@@ -44,12 +44,12 @@ class TrainConfig:
     # none (the paper), channel: teacher features standardised per channel with good-image statistics, compared by l2
     # (EfficientAD); deep: only the deepest level standardised (a student's default)
     feature_norm: str = "none"
-    # memory: a coreset of the teacher's own good features (the default: far better on hard parts, no epochs, README "Hard parts");
+    # memory: a coreset of the teacher's own good features (the default: far better on hard parts, no epochs, docs/results/record.md "Hard parts");
     # student: the paper's student network, trained for `epochs` (3.5-5x less inference time on a CPU)
     reference: str = "memory"
     bank_size: str = "32768"  # memory: rows per feature level, one number for all or one per level ("4096,16384,32768")
     # memory: per level, average k x k blocks of features before the search ("2,2,1"); auto = 2 for the levels finer than
-    # stride 16, 1 for the others (strides 4, 8, 16 are searched at 8, 16, 16: README "Memory at camera rate"); 1 = none
+    # stride 16, 1 for the others (strides 4, 8, 16 are searched at 8, 16, 16: docs/results/record.md "Memory at camera rate"); 1 = none
     memory_pool: str = "auto"
     memory_aggregate: int = 1  # memory: each feature the mean of its a x a neighbourhood first (PatchCore; 1 = none)
     # the share of good parts the line may reject; the threshold is set for it from out-of-fold good scores (thresholds.py)

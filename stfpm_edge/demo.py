@@ -22,7 +22,7 @@ def make_video(path: Path, n_frames: int, size: tuple[int, int], every: int, see
     """A video of surface patches; every ``every``-th frame carries a defect. Returns those indices.
 
     ``.mkv`` / ``.avi`` are written losslessly (FFV1), as a machine-vision camera delivers frames;
-    other suffixes with MPEG-4 (lossy: its artefacts on a fine texture are what README "Hard parts"
+    other suffixes with MPEG-4 (lossy: its artefacts on a fine texture are what docs/results/record.md "Hard parts"
     measures against the memory reference); ``fourcc`` names another codec.
     """
     rng = np.random.default_rng(seed)

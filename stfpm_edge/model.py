@@ -220,7 +220,7 @@ class MemoryBank(nn.Module):
 
     # similarities per image held at once: bank rows per block = BLOCK / positions, 64 to 4096. 2 MB of them stay in
     # the CPU's caches between the MatMul that writes them and the ReduceMax that reads them; 64 MB blocks (before
-    # issue 18) went to memory and back: the 32k graph took 1.6x as long on ONNX Runtime (benchmarks/results/memory_speed.md)
+    # issue 18) went to memory and back: the 32k graph took 1.6x as long on ONNX Runtime (docs/results/memory-speed.md)
     BLOCK = 1 << 19
 
     def __init__(self, banks: Sequence[torch.Tensor], search: MemorySearch | None = None):

@@ -136,21 +136,63 @@ def load_run_metrics(run_dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
     return records
 
 
+# published per-category image / pixel AUROC to set beside ours (docs/results.md names the sources): the STFPM authors'
+# README (ResNet-18), anomalib's STFPM (ResNet-18) and PatchCore (WRN-50) model pages; None where a source gives none
+PUBLISHED: dict[str, dict[str, tuple[float | None, float | None]]] = {
+    "STFPM, authors (ResNet-18)": {"bottle": (1.000, 0.988), "screw": (0.895, 0.988), "transistor": (0.939, 0.819)},
+    "STFPM, anomalib (ResNet-18)": {"screw": (0.835, 0.983), "transistor": (0.853, 0.838)},
+    "PatchCore, anomalib (WRN-50)": {"screw": (0.960, 0.989), "transistor": (1.000, 0.981)},
+}
+
+
+def _cell(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
+    """One seed: the value; several: the mean and the range over seeds."""
+    if not values:
+        return ""
+    v = [scale * x for x in values]
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{np.mean(v):.{digits}f} ({min(v):.{digits}f}–{max(v):.{digits}f})"
+
+
 def results_table(records: list[dict[str, Any]]) -> str:
-    """The seed's tables: one row per metric, columns Avg + the 15 MVTec categories (+ any others)."""
-    by_cat: dict[str, dict[str, Any]] = {}
+    """The tables STFPM reimplementations publish, from run folders: one each for image AUROC, pixel AUROC and pixel F1
+    (a row per method, the mean over categories first, then a column per category), our rows the mean and the range over
+    the runs (seeds) of each reference, the published figures beside them; then AUPRO and the verdict at the tool's own
+    threshold (defects passed, good parts rejected on the test set)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
-        by_cat[r.get("category", "?")] = r  # a later run of the same category wins
-    extra = sorted(c for c in by_cat if c not in MVTEC_CATEGORIES)
-    cats = list(MVTEC_CATEGORIES) + extra
-    rows = [("Image AUC", "image_auroc"), ("Pixel AUC", "pixel_auroc"), ("Pixel F1", "pixel_f1"), ("AUPRO@0.3", "aupro")]
-    header = "| Metric | Avg | " + " | ".join(cats) + " |"
-    sep = "|" + "---|" * (len(cats) + 2)
-    lines = [header, sep]
-    for label, key in rows:
-        vals = [by_cat.get(c, {}).get(key) for c in cats]
-        present = [v for v in vals if v is not None]
-        avg = f"{100 * np.mean(present):.1f}" if present else ""
-        cells = [f"{100 * v:.1f}" if v is not None else "" for v in vals]
-        lines.append(f"| {label} | {avg} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        groups[(r.get("reference", "student"), r.get("category", "?"))].append(r)
+    cats = sorted({c for _, c in groups}, key=lambda c: (MVTEC_CATEGORIES.index(c) if c in MVTEC_CATEGORIES else 99, c))
+    refs = sorted({ref for ref, _ in groups}, key=lambda ref: ref != "memory")
+    seeds = {ref: max(len(groups.get((ref, c), [])) for c in cats) for ref in refs}
+    label = {ref: f"stfpm-edge, {ref}" + (" (default)" if ref == "memory" else "") + f", {seeds[ref]} run{'s' if seeds[ref] > 1 else ''}"
+             for ref in refs}
+    out = []
+    for title, key, pub in (("Image AUROC", "image_auroc", 0), ("Pixel AUROC", "pixel_auroc", 1), ("Pixel F1", "pixel_f1", None)):
+        out += [f"**{title}**", "", "| method | mean | " + " | ".join(cats) + " |", "|---|" + "---|" * (len(cats) + 1)]
+        for ref in refs:
+            per = [[r[key] for r in groups.get((ref, c), []) if r.get(key) is not None] for c in cats]
+            means = [float(np.mean(v)) for v in per if v]
+            out.append(f"| {label[ref]} | {np.mean(means):.3f} | " + " | ".join(_cell(v) for v in per) + " |" if means else "")
+        if pub is not None:
+            for name, figures in PUBLISHED.items():
+                vals = [figures.get(c, (None, None))[pub] for c in cats]
+                known = [v for v in vals if v is not None]
+                mean = f"{np.mean(known):.3f}" if len(known) == len(cats) else ""
+                out.append(f"| {name} | {mean} | " + " | ".join("" if v is None else f"{v:.3f}" for v in vals) + " |")
+        out.append("")
+    out += ["**At the tool's own threshold** (set from good images only; test set: defective images passed, good images rejected)", "",
+            "| method | " + " | ".join(f"{c} AUPRO | {c} passed | {c} rejected" for c in cats) + " |", "|---|" + "---|" * (3 * len(cats))]
+    for ref in refs:
+        cells = []
+        for c in cats:
+            runs = groups.get((ref, c), [])
+            n_bad = runs[0].get("n_anomalous", 0) if runs else 0
+            n_good = runs[0].get("n_images", 0) - n_bad if runs else 0
+            cells.append(_cell([r["aupro"] for r in runs if r.get("aupro") is not None]))
+            cells.append(_cell([r["miss_rate"] for r in runs if r.get("miss_rate") is not None], 100, 0) + (" %" if runs else ""))
+            flagged = [str(r.get("good_flagged", round((r.get("false_alarm_rate") or 0) * n_good))) for r in runs]
+            cells.append(f"{' / '.join(flagged)} of {n_good}" if runs else "")
+        out.append(f"| {label[ref]} | " + " | ".join(cells) + " |")
+    return "\n".join(line for line in out) + "\n"

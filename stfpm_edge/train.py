@@ -331,7 +331,7 @@ AUTO_POOL_BELOW_STRIDE = 16  # memory_pool auto: levels finer than this are sear
 def memory_search(cfg: TrainConfig, strides: list[int]) -> tuple[MemorySearch, list[int]]:
     """The search options and the rows per level that ``cfg`` asks of a memory whose levels have these strides."""
     if cfg.memory_pool == "auto":
-        # measured on screw (README): stride 4 searched at 8 and 8 at 16 raise pixel AUROC and keep image AUROC, for 0.41 of the arithmetic
+        # measured on screw (docs/results/memory-speed.md): stride 4 searched at 8 and 8 at 16 raise pixel AUROC and keep image AUROC, for 0.41 of the arithmetic
         pools = [2 if s < AUTO_POOL_BELOW_STRIDE else 1 for s in strides]
     else:
         pools = per_level(parse_counts("memory_pool", cfg.memory_pool), len(strides), 1)

@@ -101,11 +101,15 @@ def test_cli_eval_and_table(tiny_run, synthetic_mvtec, tmp_path):
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert ev["image_auroc"] == pytest.approx(metrics["image_auroc"], abs=1e-6)
     assert ev["pixel_auroc"] == pytest.approx(metrics["pixel_auroc"], abs=1e-6)
-    result = runner.invoke(app, ["table", str(run_dir)])
-    assert result.exit_code == 0
+    result = runner.invoke(app, ["table", str(run_dir), str(tmp_path / "ev")])  # the run and its evaluation: two runs of one method
+    assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
-    assert lines[0].startswith("| Metric | Avg | carpet |") and "weave" in lines[0]
-    assert lines[2].startswith("| Image AUC | ") and f"{100 * metrics['image_auroc']:.1f}" in lines[2]
+    assert lines[0] == "**Image AUROC**" and lines[2] == "| method | mean | weave |"
+    row = lines[4]  # the student's row: the mean over categories, then per category the mean and the range over runs
+    value = f"{metrics['image_auroc']:.3f}"
+    assert row.startswith("| stfpm-edge, student, 2 runs | ") and f"{value} ({value}–{value})" in row
+    assert "**Pixel F1**" in lines and any(line.startswith("| STFPM, authors (ResNet-18) | ") for line in lines)
+    assert "**At the tool's own threshold**" in result.output and "weave AUPRO" in result.output
 
 
 @pytest.mark.parametrize("breakage, named", [
