@@ -96,9 +96,9 @@ def train(
     size: Optional[str] = typer.Option(None, help="model input size, N or HxW, multiples of 16 [default: 256]"),
     resize: Optional[str] = typer.Option(None, help="squash (paper; ignores aspect) or letterbox (keeps aspect, pads) [default: squash]"),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="share of good training images held out to select the checkpoint (and set the threshold when --calib-fraction is 0) [default: 0.1]"),
-    false_call_rate: Optional[float] = typer.Option(None, "--false-call-rate", help="the share of good parts the line may reject (0.005 = 1 in 200); the "
+    false_call_rate: Optional[float] = typer.Option(None, "--false-call-rate", help="the share of good parts the line may reject (0.01 = 1 in 100); the "
                                                     "threshold is set for it from good images the reference did not learn, no defect image "
-                                                    "needed (docs/thresholds.md) [default: 0.005]"),
+                                                    "needed (docs/thresholds.md) [default: 0.01]"),
     threshold_rule: Optional[str] = typer.Option(None, "--threshold-rule", help="tail: a generalised Pareto fit of the highest good scores, stable "
                                                  "on small sets; quantile: their empirical quantile [default: tail]"),
     augment: Optional[str] = typer.Option(None, help="rotate (any angle, small shifts), rot90 (flips and quarter turns), flip or none; "

@@ -53,7 +53,7 @@ class TrainConfig:
     memory_pool: str = "auto"
     memory_aggregate: int = 1  # memory: each feature the mean of its a x a neighbourhood first (PatchCore; 1 = none)
     # the share of good parts the line may reject; the threshold is set for it from out-of-fold good scores (thresholds.py)
-    false_call_rate: float = 0.005
+    false_call_rate: float = 0.01
     threshold_rule: str = "tail"  # tail (generalised Pareto fit of the top good scores) or quantile (empirical)
     threads: int = 0
     device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N

@@ -31,7 +31,7 @@ import numpy as np
 from .errors import StfpmError
 
 THRESHOLD_RULES = ("tail", "quantile")
-DEFAULT_FALSE_CALL_RATE = 0.005
+DEFAULT_FALSE_CALL_RATE = 0.01
 TAIL_SHARE = 0.2  # the share of the highest good scores the tail is fitted to
 MIN_TAIL_SCORES = 20  # below this many good scores there are too few excesses (4) to fit a tail
 BOOTSTRAP = 200

@@ -298,7 +298,7 @@ def test_help_prints_the_defaults_it_states():
     """The help texts end in "[default: ...]": printed as written, not swallowed as a markup tag."""
     out = runner.invoke(app, ["train", "--help"], terminal_width=100).output
     flat = " ".join(out.split())
-    assert "[default: 0.005]" in flat and "[default: memory]" in flat
+    assert "[default: 0.01]" in flat and "[default: memory]" in flat
     assert "student: constant (the paper) or decay" in flat and "the last fifth of --epochs) [default: decay]" in flat
 
 

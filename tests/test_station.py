@@ -158,7 +158,7 @@ def test_operator_station_in_a_real_browser(tmp_path):
             # the operating curve: the model's good images against the threshold, the current one marked
             page.wait_for_selector("#opcurve polyline", timeout=5_000)
             assert len(page.get_attribute("#opcurve polyline", "points").split()) == 120
-            assert "current threshold 0.5: 5.0 % of 20 good images above it (the model was set for 5.0 %)" in page.inner_text("#opnote")
+            assert "current threshold 0.5000: 5.0 % of 20 good images above it (the model was set for 5.0 %)" in page.inner_text("#opnote")
             page.fill("#thr", "2")
             page.click("#check")
             page.wait_for_function("document.getElementById('preview').textContent.includes('false alarms on 20 held-out')", timeout=5_000)
@@ -166,7 +166,7 @@ def test_operator_station_in_a_real_browser(tmp_path):
             page.click("#apply")
             page.wait_for_function("document.getElementById('preview').textContent.startsWith('applied')", timeout=5_000)
             page.wait_for_function("document.getElementById('threshold').textContent.startsWith('2')", timeout=5_000)
-            page.wait_for_function("document.getElementById('opnote').textContent.startsWith('current threshold 2: 0.0 %')", timeout=5_000)
+            page.wait_for_function("document.getElementById('opnote').textContent.startsWith('current threshold 2.000: 0.0 %')", timeout=5_000)
             assert float(page.get_attribute("#opcurrent", "x1")) > 200  # the marker moved right with the threshold
         finally:
             browser.close()

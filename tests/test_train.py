@@ -441,3 +441,5 @@ def test_a_bank_image_left_out_scores_as_against_a_memory_built_without_it():
             model.student = keep
         assert left_out[i] == pytest.approx(alone, rel=1e-5) and left_out[i] >= full[i] - 1e-7
     assert (left_out > full + 1e-6).any()  # its own rows made each image a perfect match; without them it is not
+    drawn = own_rows_left_out_scores(model, images, owners, limit=2, seed=1)  # a large class: a seeded draw of the images
+    assert len(drawn) == 2 and all(any(v == pytest.approx(w, rel=1e-6) for w in left_out) for v in drawn)
