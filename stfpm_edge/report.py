@@ -23,26 +23,39 @@ MVTEC_CATEGORIES = (
 )
 
 
-def roc_plot(labels: np.ndarray, scores: np.ndarray, path: Path, title: str) -> bool:
-    curve = image_roc(labels, scores)
-    if curve is None:
-        return False
+def _figure(size: tuple[float, float]):
+    """A matplotlib figure drawn off screen (no display on a line PC or in CI)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import auc
 
-    fpr, tpr = curve
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
-    ax.plot(fpr, tpr, lw=2, label=f"AUROC = {auc(fpr, tpr):.4f}")
-    ax.plot([0, 1], [0, 1], ls="--", c="gray", lw=1)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower right")
+    return plt.subplots(figsize=size, dpi=120)
+
+
+def _save(fig, path: Path) -> None:
+    """Write the figure as PNG, atomically, and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def roc_plot(labels: np.ndarray, scores: np.ndarray, path: Path, title: str) -> bool:
+    curve = image_roc(labels, scores)
+    if curve is None:
+        return False
+    from sklearn.metrics import auc
+
+    fpr, tpr = curve
+    fig, ax = _figure((4.5, 4.5))
+    ax.plot(fpr, tpr, lw=2, label=f"AUROC = {auc(fpr, tpr):.4f}")
+    ax.plot([0, 1], [0, 1], ls="--", c="gray", lw=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right")
+    _save(fig, path)
     return True
 
 
@@ -53,13 +66,8 @@ def operating_plot(labels: np.ndarray, scores: np.ndarray, threshold: float | No
     curve = image_roc(labels, scores)
     if curve is None:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fpr, tpr = curve
-    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=120)
+    fig, ax = _figure((5.5, 4.2))
     ax.step(100 * fpr, 100 * (1 - tpr), where="post", lw=2, label="every threshold (test images)")
     if threshold is not None:
         labels, scores = np.asarray(labels), np.asarray(scores)
@@ -73,10 +81,7 @@ def operating_plot(labels: np.ndarray, scores: np.ndarray, threshold: float | No
            xlim=(0, 100), ylim=(-2, 102))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
