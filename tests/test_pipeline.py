@@ -278,3 +278,34 @@ def test_anomalous_frames_list_their_defect_regions_and_a_minimum_area_keeps_sma
     recs = _records(tmp_path / "b")
     assert ruled["accounted"] and {r["frame"] for r in recs if r["verdict"] == "anomalous"} == {3, 9}
     assert recs[6]["verdict"] == "good" and recs[6]["regions"][0]["area_mm2"] < 20.0 <= recs[3]["regions"][0]["area_mm2"]
+
+
+@pytest.mark.parametrize("sources", [1, 2])
+def test_a_full_disk_before_the_first_frame_ends_the_run_promptly(tmp_path, monkeypatch, sources):
+    """The summary's space cannot be reserved (a full disk at start): the run raises at once instead of leaving the
+    inference thread waiting for frames that no capture will send (it hung forever, SIGTERM included)."""
+    import errno
+    import time
+
+    import stfpm_edge.stream.pipeline as pipeline
+
+    def no_space(self, record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline.ReservedJson, "reserve", no_space)
+    srcs = [IterSource(iter(list(_frames(5))), f"gen{i}") for i in range(sources)]
+    outcome = {}
+
+    def go():
+        try:
+            run_stream(lambda: DarkSpotEngine(), srcs if sources > 1 else srcs[0], RunOptions(tmp_path / "o"))
+        except OSError as exc:
+            outcome["error"] = exc
+
+    t0 = time.monotonic()
+    worker = threading.Thread(target=go, daemon=True)
+    worker.start()
+    worker.join(20)
+    assert not worker.is_alive(), "the run hung after the summary could not be reserved"
+    assert outcome["error"].errno == errno.ENOSPC and time.monotonic() - t0 < 20
+    assert not [t for t in threading.enumerate() if t.name == "inference"]  # no thread left waiting on a queue

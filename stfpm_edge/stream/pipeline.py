@@ -186,6 +186,8 @@ class StreamRun:
                 self.summary_file.reserve({"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sources": self.names,
                                            "note": "the run has not finished; frames.jsonl holds every frame's record so far"})
             except BaseException:
+                for handover in self.handovers:  # no capture has started and none will feed inference: end its input
+                    handover.put(END)
                 self._stop_inspector()
                 raise
         except BaseException:
