@@ -421,6 +421,12 @@ def _run_problems(summary: dict) -> list[str]:
         out.append(f"--save-video: {summary['video_error']}")
     if summary.get("summary_in_reserved_space"):
         out.append("the disk filled up during the run; summary.json was written into the space reserved for it at the start")
+    for st in summary.get("sinks", []):  # a verdict that never reached the line: a rejected part may have passed
+        lost = st.get("failed", 0) + st.get("dropped", 0)
+        if lost:
+            out.append(f"sink {st['sink']}: {lost} of {st.get('offered', lost)} messages never reached the line (failed {st.get('failed', 0)}, "
+                       f"dropped {st.get('dropped', 0)}): parts they would have rejected may have passed"
+                       + (f"; last error: {st['last_error']}" if st.get("last_error") else ""))
     return out
 
 

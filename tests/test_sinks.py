@@ -216,3 +216,25 @@ def test_cli_messages_name_the_model_and_the_source(exported, tmp_path):
         assert all(m["model"] == str(onnx_path) and m["source"] == f"video {video}" and "threshold" in m for m in hook.received)
     finally:
         hook.stop()
+
+
+def test_a_reject_signal_that_never_reached_the_line_fails_the_run_and_says_so_while_it_happens(exported, tmp_path):
+    """A webhook that answers 500 to every message: each verdict is still in frames.jsonl, but the run's exit status is
+    non-zero, stderr warned while it happened, and the closing error names the sink and how many messages were lost."""
+    from typer.testing import CliRunner
+
+    from stfpm_edge.cli import app
+
+    _, onnx_path = exported
+    video = tmp_path / "v.mp4"
+    _write_video(video, 6, size=(64, 64))
+    hook = Webhook("error").start()
+    try:
+        result = CliRunner().invoke(app, ["run", str(onnx_path), "--source", str(video), "--out", str(tmp_path / "o"),
+                                          "--sink", f"http://127.0.0.1:{hook.port}/v?send=all&retries=0&timeout=0.5&drain_s=2"])
+    finally:
+        hook.stop()
+    assert result.exit_code == 2, result.output
+    assert "warning: sink" in result.output and "a message could not be delivered (webhook: HTTP 500" in result.output  # while it happened
+    assert "6 of 6 messages never reached the line (failed 6, dropped 0)" in result.output
+    assert len(_records(tmp_path / "o")) == 6  # every verdict is on disk all the same

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 import urllib.error
@@ -178,6 +179,11 @@ class Sink(Output):
                     self.latency.append((delivered - captured) * 1e3)
                 else:
                     setattr(self, outcome, getattr(self, outcome) + 1)
+                    lost = self.failed + self.dropped
+                    if lost <= 3 or lost % 100 == 0:  # said while it happens, not only in the summary: a reject that may not have reached the line
+                        what = "could not be delivered" if outcome == "failed" else "was dropped"
+                        print(f"warning: sink {self.name}: a message {what} ({mask_secrets(error or '')}); {lost} undelivered so far",
+                              file=sys.stderr, flush=True)
                     self.last_error = mask_secrets(error)
 
     def _give_up(self) -> bool:
