@@ -62,7 +62,7 @@ def build_pools(data: str, copies: int, seed: int):
     from stfpm_edge.model import STFPM, MapPost
     from stfpm_edge.train import memory_pools, memory_search
 
-    cfg = load_config(None, {"data": data, "seed": seed})
+    cfg = load_config(None, {"data": data, "seed": seed, "height": 256, "width": 256})  # MVTec's square images: the automatic size
     dataset = discover(cfg.data, seed=cfg.seed)
     good = dataset.train
     images, _ = load_images(good, Geometry(cfg.height, cfg.width, cfg.resize), progress=False)

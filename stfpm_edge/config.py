@@ -19,8 +19,10 @@ class TrainConfig:
     backbone: str = "tf_efficientnet_lite0"
     teacher_weights: str | None = None
     layers: str = ""  # feature levels (timm out_indices), e.g. "1,2,3"; empty = the backbone's default
-    height: int = 256
-    width: int = 256
+    # model input size; 0 = chosen at training from the training images (geometry.auto_size: the default pixel count, 256 x 256,
+    # at the images' aspect when they are far from square), then stored in the run's config and checkpoint
+    height: int = 0
+    width: int = 0
     resize: str = "squash"
     epochs: int = 100
     batch_size: int = 32

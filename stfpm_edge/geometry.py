@@ -155,3 +155,22 @@ class Geometry:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# auto_size: the pixel count of the default 256 x 256 input, and how far from square the images must be before the input
+# takes their aspect (squashing a 1.25:1 image changes its shapes by 25 %; within that, the square input of the paper)
+AUTO_PIXELS = 256 * 256
+AUTO_ASPECT_LIMIT = 1.25
+
+
+def auto_size(sizes: list[tuple[int, int]], pixels: int = AUTO_PIXELS, limit: float = AUTO_ASPECT_LIMIT) -> tuple[int, int]:
+    """The model input (height, width) for images of these (height, width): 256 x 256 when their median aspect is within
+    ``limit`` of square, else their aspect at about ``pixels`` pixels, each side a multiple of 16 (a 2.5:1 part: 160 x 400)."""
+    if not sizes:
+        return 256, 256
+    aspect = float(np.median([w / h for h, w in sizes]))
+    if 1.0 / limit <= aspect <= limit:
+        return 256, 256
+    height = max(32, min(MAX_SIDE, int(round((pixels / aspect) ** 0.5 / 16)) * 16))
+    width = max(32, min(MAX_SIDE, int(round(height * aspect / 16)) * 16))
+    return height, width

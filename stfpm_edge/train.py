@@ -17,15 +17,16 @@ from . import __version__
 from .backbones import resolve_layers, spec
 from .checkpoint import atomic_torch_save, save_checkpoint
 from .config import TrainConfig, parse_counts, parse_layers, parse_weights, per_level
-from .datasets import check_test_set, discover, heldout_splits
+from .datasets import check_test_set, discover, evenly_spaced, heldout_splits
 from .errors import StfpmError
 from .evaluate import evaluate, predict, write_outputs
 from .fileio import atomic_write_json, sha256_file
-from .geometry import Geometry
+from .geometry import Geometry, auto_size, decode_image
 from .model import STANDARDISED_LEVELS, STFPM, FeatureNorm, MapPost, MemoryBank, MemorySearch, channel_stats, check_level_count, coreset_levels, memory_rows, stfpm_loss
 from .store import TrainingStore
 from .thresholds import fit_threshold, normal_statistics
 
+AUTO_SIZE_SAMPLES = 32  # training images whose size sets an automatic input size (evenly spaced over the set)
 LAST = "last.pt"  # resume state, rewritten atomically after every epoch
 MODEL = "model.pt"
 
@@ -234,8 +235,13 @@ class Prepared:
 def _prepare(cfg: TrainConfig, resume: bool, progress: bool, store: TrainingStore) -> Prepared:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    geometry = Geometry(cfg.height, cfg.width, cfg.resize)
     dataset = discover(cfg.data, seed=cfg.seed)
+    if not cfg.height or not cfg.width:  # the input follows the images: their aspect at the default pixel count (stored as chosen)
+        if cfg.height or cfg.width:
+            cfg.height = cfg.width = cfg.height or cfg.width
+        else:
+            cfg.height, cfg.width = auto_size([decode_image(s.path).shape[:2] for s in evenly_spaced(dataset.train, AUTO_SIZE_SAMPLES)])
+    geometry = Geometry(cfg.height, cfg.width, cfg.resize)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg, dataset.name)
     if run_dir.exists() and not run_dir.is_dir():
         raise StfpmError(f"{run_dir}: --out names a file; give a folder for the run")

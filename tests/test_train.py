@@ -443,3 +443,21 @@ def test_a_bank_image_left_out_scores_as_against_a_memory_built_without_it():
     assert (left_out > full + 1e-6).any()  # its own rows made each image a perfect match; without them it is not
     drawn = own_rows_left_out_scores(model, images, owners, limit=2, seed=1)  # a large class: a seeded draw of the images
     assert len(drawn) == 2 and all(any(v == pytest.approx(w, rel=1e-6) for w in left_out) for v in drawn)
+
+
+def test_the_input_size_follows_the_training_images_aspect_unless_given(tmp_path):
+    """A part 2.5 times as wide as tall gets a 160x400 input (the default pixel count at its aspect), stored in the run's
+    config and checkpoint and used by evaluation and export; square images keep 256x256; --size still decides."""
+    from stfpm_edge.geometry import auto_size
+    from stfpm_edge.synthetic import make_mvtec_like
+
+    assert auto_size([(100, 250)] * 5) == (160, 400) and auto_size([(250, 100)]) == (400, 160)
+    assert auto_size([(512, 512), (500, 540)]) == (256, 256) and auto_size([(100, 120)]) == (256, 256)  # within 1.25:1: square
+    wide = make_mvtec_like(tmp_path / "wide", n_train=8, n_test_good=2, n_test_defect=3, height=48, width=120, seed=3)
+    run_dir, metrics = train(load_config(None, dict(data=str(wide), out=str(tmp_path / "auto"), overlays=0, bank_size="64")), progress=False)
+    model, meta = load_checkpoint(run_dir / "model.pt")
+    assert (meta["geometry"]["height"], meta["geometry"]["width"]) == (160, 400) and meta["config"]["height"] == 160
+    assert json.loads((run_dir / "config.json").read_text())["width"] == 400 and metrics["image_auroc"] is not None
+    given = load_config(None, dict(data=str(wide), out=str(tmp_path / "given"), overlays=0, bank_size="64", height=64, width=64))
+    _, meta = load_checkpoint(train(given, progress=False)[0] / "model.pt")
+    assert (meta["geometry"]["height"], meta["geometry"]["width"]) == (64, 64)
