@@ -270,6 +270,24 @@ def threshold_cmd(
     typer.echo(f"wrote {out or checkpoint}; export it again for engines and Triton")
 
 
+@command(help="Teach a memory model more good images in seconds (e.g. the operator's false calls): their features join its memory "
+                "and the threshold is set again by its own rule. A student model is refused (it learns by training).")
+def update(
+    checkpoint: Path = typer.Argument(..., help="model.pt of a memory reference (the default)"),
+    add_good: List[Path] = typer.Option(..., "--add-good", help="a folder of good images to add (repeatable), e.g. RUN/feedback/good"),
+    out: Path = typer.Option(..., "--out", help="the new checkpoint (the old one is kept)"),
+):
+    from .train import add_good_images
+
+    if out.resolve() == checkpoint.resolve():
+        raise StfpmError("--out names the checkpoint itself; write the update to a new file and keep the old one to go back to")
+    event = add_good_images(checkpoint, list(add_good), out)
+    flagged = sum(s > event["old_threshold"] for s in event["scores_before"])
+    typer.echo(f"added {event['added_good_images']} good images ({flagged} of them above the old threshold) in {event['seconds']:.1f} s: "
+               f"{'+'.join(map(str, event['rows_added_per_level']))} memory rows; threshold {event['old_threshold']:.6g} -> {event['new_threshold']:.6g}")
+    typer.echo(f"wrote {out}; evaluate it (stfpm-edge eval) and export it again for engines")
+
+
 @command(help="Make an INT8 (explicit Q/DQ) variant of an FP32 export, calibrated on good images, and report its fidelity.")
 def calibrate(
     onnx_file: Path = typer.Argument(..., help="FP32 model.onnx from stfpm-edge export"),

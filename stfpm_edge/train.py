@@ -491,3 +491,53 @@ def _finish(p: Prepared, training: dict[str, Any], progress: bool) -> tuple[Path
     record["model_sha256"] = sha256_file(run_dir / MODEL)
     atomic_write_json(run_dir / "metrics.json", record)
     return run_dir, record
+
+
+def add_good_images(checkpoint: Path, folders: list[Path], out: Path, progress: bool = True) -> dict[str, Any]:
+    """A memory model that knows more good images, in seconds: their teacher features join the bank (every position, after
+    the model's own search pooling) and the threshold is set again by the model's own rule and false-call rate, from its
+    stored out-of-fold good scores plus these images' scores against the memory before they joined it (out-of-fold too).
+    A history entry records when, which images, and the old and new threshold. Returns that entry. A student is refused:
+    its good images are learned by training."""
+    from .checkpoint import load_checkpoint
+    from .datasets import Sample, list_images, load_images
+    from .engines.torch_engine import TorchEngine
+
+    model, meta = load_checkpoint(checkpoint)
+    if not isinstance(model.student, MemoryBank):
+        raise StfpmError(f"{checkpoint}: a student model learns good images by training, not by adding them; put the images with the "
+                         "training set's good ones and train again: stfpm-edge train --data DIR --reference student")
+    paths = [p for folder in folders for p in list_images(Path(folder))]
+    if not paths:
+        raise StfpmError(f"no images in {', '.join(map(str, folders))}: nothing to add")
+    t0 = time.perf_counter()
+    geometry = Geometry(**meta["geometry"])
+    images, _ = load_images([Sample(p, 0) for p in paths], geometry, progress, "good images")
+    _, before = predict(TorchEngine.from_model(model, meta).infer, images)  # out-of-fold: they are not in the memory yet
+    search = model.student.search
+    added = [[] for _ in model.student.banks()]
+    with torch.inference_mode():
+        for i in range(0, len(images), 16):
+            feats = model.teacher(model.normalize(torch.from_numpy(images[i : i + 16])))
+            for k, rows in enumerate(memory_rows(feats, search)):
+                added[k].append(rows.reshape(-1, rows.shape[-1]))
+    model.student = MemoryBank([torch.cat([bank, *rows]) for bank, rows in zip(model.student.banks(), added)], search)
+    old = meta["threshold"]
+    stats = meta.get("normal_stats") or {}
+    good = np.concatenate([np.asarray(stats.get("heldout_scores") or [], dtype=np.float64), before.astype(np.float64)])
+    entry = fit_threshold(good, old.get("false_call_rate", TrainConfig.false_call_rate),
+                          old.get("rule") if old.get("rule") in ("tail", "quantile") else "tail", int((meta.get("config") or {}).get("seed", 0)))
+    entry["sources"] = f"{old.get('sources', 'the good images of training')} + {len(paths)} added good images"
+    event = {"time": datetime.now().isoformat(timespec="seconds"), "added_good_images": len(paths), "folders": [str(f) for f in folders],
+             "old_threshold": old.get("image"), "new_threshold": entry["image"], "scores_before": [float(v) for v in before],
+             "rows_added_per_level": [int(sum(len(r) for r in rows)) for rows in added]}
+    entry["history"] = [*old.get("history", []), {k: old.get(k) for k in ("image", "rule", "false_call_rate")}]
+    meta["threshold"] = entry
+    meta["normal_stats"] = {**stats, "heldout_scores": [float(v) for v in good], "image_scores": normal_statistics(good),
+                            "heldout_sources": [*stats.get("heldout_sources", []), ["added good images", len(paths)]]}
+    meta["memory_rows"] = [len(b) for b in model.student.banks()]
+    meta["updates"] = [*meta.get("updates", []), event]
+    meta.pop("metrics", None)  # earned by the model before: evaluate the new one (stfpm-edge eval)
+    save_checkpoint(out, model, meta)
+    event["seconds"] = time.perf_counter() - t0
+    return event

@@ -461,3 +461,37 @@ def test_the_input_size_follows_the_training_images_aspect_unless_given(tmp_path
     given = load_config(None, dict(data=str(wide), out=str(tmp_path / "given"), overlays=0, bank_size="64", height=64, width=64))
     _, meta = load_checkpoint(train(given, progress=False)[0] / "model.pt")
     assert (meta["geometry"]["height"], meta["geometry"]["width"]) == (64, 64)
+
+
+def test_update_adds_good_images_to_a_memory_in_place_of_a_retraining(synthetic_mvtec, tmp_path, tiny_run):
+    """Defective-looking images an operator marked good: after `update` they score as good (their features are in the
+    memory), the threshold is set again by the model's rule, a history entry says what happened; a student is refused."""
+    from typer.testing import CliRunner
+
+    from stfpm_edge.cli import app
+    from stfpm_edge.datasets import Sample, list_images, load_images
+    from stfpm_edge.engines.torch_engine import TorchEngine
+    from stfpm_edge.geometry import Geometry
+
+    run_dir, _ = train(load_config(None, dict(data=str(synthetic_mvtec), out=str(tmp_path / "mem"), height=64, width=64, overlays=0,
+                                              bank_size="300")), progress=False)
+    marked = tmp_path / "feedback" / "good"
+    marked.mkdir(parents=True)
+    for p in list_images(synthetic_mvtec / "test" / "hole")[:2]:
+        (marked / p.name).write_bytes(p.read_bytes())
+    images, _ = load_images([Sample(p, 0) for p in list_images(marked)], Geometry(64, 64))
+    with TorchEngine(run_dir / "model.pt") as before:
+        scores_before, old = before.infer(images)[1], before.threshold
+    assert (scores_before > old).all()  # the model calls them anomalous
+    result = CliRunner().invoke(app, ["update", str(run_dir / "model.pt"), "--add-good", str(marked), "--out", str(tmp_path / "new.pt")])
+    assert result.exit_code == 0, result.output
+    assert "added 2 good images (2 of them above the old threshold)" in result.output
+    with TorchEngine(tmp_path / "new.pt") as after:
+        scores_after, new = after.infer(images)[1], after.threshold
+        meta = after.meta
+    assert (scores_after <= new).all() and scores_after.max() < 1e-5  # their own features are in the memory now
+    (event,) = meta["updates"]
+    assert event["added_good_images"] == 2 and event["old_threshold"] == old and event["new_threshold"] == new
+    assert meta["threshold"]["n_scores"] == len(meta["normal_stats"]["heldout_scores"]) and meta["threshold"]["history"][-1]["image"] == old
+    refused = CliRunner().invoke(app, ["update", str(tiny_run[0] / "model.pt"), "--add-good", str(marked), "--out", str(tmp_path / "s.pt")])
+    assert refused.exit_code == 2 and "a student model learns good images by training" in refused.output
