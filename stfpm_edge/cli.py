@@ -162,6 +162,7 @@ def eval_cmd(
     data: Path = typer.Option(..., "--data", help="data set folder (same layouts as train)"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for metrics.json, scores.csv, roc.png, overlays/ [default: next to the model, eval-<data>]"),
     overlays: int = typer.Option(12, help="heat-map overlays to save"),
+    gif: bool = typer.Option(False, "--gif", help="also write results.gif: test images across the defect types with their heat maps and verdicts"),
 ):
     from .datasets import discover
     from .engines import open_engine
@@ -174,10 +175,17 @@ def eval_cmd(
         if out is None:  # next to the model file; a served model's results go to runs/
             out = (Path("runs") / f"eval-{dataset.name}-triton-{engine.model_name}" if engine.name == "triton"
                    else model.parent / f"eval-{dataset.name}-{model.suffix.lstrip('.')}")
-        write_outputs(result, out, engine.geometry, engine.threshold, dataset, overlays, extra={"backbone": engine.meta.get("backbone"), "model": str(model), "engine": engine.name},
+        reference = (engine.meta.get("config") or {}).get("reference")
+        write_outputs(result, out, engine.geometry, engine.threshold, dataset, overlays,
+                      extra={"backbone": engine.meta.get("backbone"), "model": str(model), "engine": engine.name,
+                             **({"reference": reference} if reference else {})},
                       target_rate=(engine.meta.get("threshold") or {}).get("false_call_rate"))
+        if gif:
+            from .report import gif as write_gif
+
+            write_gif(result, engine.geometry, engine.threshold, out / "results.gif")
     _print_metrics(result.metrics)
-    typer.echo(f"results: {out}")
+    typer.echo(f"results: {out}" + ("  (results.gif: the test images with their heat maps and verdicts)" if gif else ""))
 
 
 @command(help="Print the paper-style results table (Markdown) from run folders.")

@@ -99,31 +99,58 @@ def _pick(samples, n: int) -> list[int]:
     return sorted(picked)
 
 
+def _overlay_picture(result, i: int, geometry: Geometry, threshold: float | None, max_side: int) -> np.ndarray:
+    """Test image ``i`` with its heat map, its defect's outline (green) and its score and verdict written on it (BGR)."""
+    s = result.samples[i]
+    img = decode_image(s.path)
+    h, w = img.shape[:2]
+    amap = geometry.unfit_map(result.maps[i], h, w)
+    vis = heat_overlay(img, amap, threshold)
+    if s.mask_path is not None:
+        mask = decode_mask(s.mask_path)
+        if mask.shape == (h, w):
+            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(vis, contours, -1, (0, 255, 0), max(1, w // 300))
+    scale = min(1.0, max_side / max(h, w))
+    if scale < 1.0:
+        vis = cv2.resize(vis, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+    score = float(result.scores[i])
+    bad = None if threshold is None else bool(is_anomalous(score, threshold))
+    verdict = "" if bad is None else (" ANOMALOUS" if bad else " good")
+    annotate(vis, f"{s.defect} score {score:.4g}{verdict}", bad)
+    return vis
+
+
 def overlays(result, geometry: Geometry, threshold: float | None, out_dir: Path, n: int, max_side: int = 512) -> list[Path]:
     written = []
     for i in _pick(result.samples, n):
         s = result.samples[i]
-        img = decode_image(s.path)
-        h, w = img.shape[:2]
-        amap = geometry.unfit_map(result.maps[i], h, w)
-        vis = heat_overlay(img, amap, threshold)
-        if s.mask_path is not None:
-            mask = decode_mask(s.mask_path)
-            if mask.shape == (h, w):
-                contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-                cv2.drawContours(vis, contours, -1, (0, 255, 0), max(1, w // 300))
-        scale = min(1.0, max_side / max(h, w))
-        if scale < 1.0:
-            vis = cv2.resize(vis, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
-        score = float(result.scores[i])
-        bad = None if threshold is None else bool(is_anomalous(score, threshold))
-        verdict = "" if bad is None else (" ANOMALOUS" if bad else " good")
-        annotate(vis, f"{s.defect} score {score:.4g}{verdict}", bad)
-        ok, png = cv2.imencode(".png", vis)
+        ok, png = cv2.imencode(".png", _overlay_picture(result, i, geometry, threshold, max_side))
         path = out_dir / f"{i:04d}_{s.defect}_{s.path.stem}.png"
         atomic_write_bytes(path, png.tobytes())
         written.append(path)
     return written
+
+
+def gif(result, geometry: Geometry, threshold: float | None, path: Path, n: int = 24, max_side: int = 320, ms_per_frame: int = 900) -> bool:
+    """An animated GIF of up to ``n`` test images spread over the defect types (good included), each with its heat map,
+    defect outline and verdict: a category's results at a glance, as STFPM reimplementations show their demos."""
+    from PIL import Image
+
+    picked = _pick(result.samples, n)
+    if not picked:
+        return False
+    frames = [_overlay_picture(result, i, geometry, threshold, max_side) for i in picked]
+    h, w = max(f.shape[0] for f in frames), max(f.shape[1] for f in frames)  # one canvas: pictures of other sizes centred on black
+    pictures = []
+    for f in frames:
+        canvas = np.zeros((h, w, 3), np.uint8)
+        y, x = (h - f.shape[0]) // 2, (w - f.shape[1]) // 2
+        canvas[y : y + f.shape[0], x : x + f.shape[1]] = f
+        pictures.append(Image.fromarray(canvas[:, :, ::-1]).convert("P", palette=Image.Palette.ADAPTIVE, colors=255))
+    with atomic_path(path) as tmp:
+        pictures[0].save(tmp, format="GIF", save_all=True, append_images=pictures[1:], duration=ms_per_frame, loop=0)
+    return True
 
 
 # ----------------------------------------------------------------------------------- results table

@@ -96,8 +96,12 @@ def test_cli_config_file_and_flag_override(tmp_path):
 
 def test_cli_eval_and_table(tiny_run, synthetic_mvtec, tmp_path):
     run_dir, metrics = tiny_run
-    result = runner.invoke(app, ["eval", str(run_dir / "model.pt"), "--data", str(synthetic_mvtec), "--out", str(tmp_path / "ev")])
+    result = runner.invoke(app, ["eval", str(run_dir / "model.pt"), "--data", str(synthetic_mvtec), "--out", str(tmp_path / "ev"), "--gif"])
     assert result.exit_code == 0, result.output
+    from PIL import Image
+
+    with Image.open(tmp_path / "ev" / "results.gif") as animation:  # every test image but at most 24, across the defect types
+        assert animation.n_frames == min(24, 10) and animation.is_animated
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert ev["image_auroc"] == pytest.approx(metrics["image_auroc"], abs=1e-6)
     assert ev["pixel_auroc"] == pytest.approx(metrics["pixel_auroc"], abs=1e-6)
