@@ -206,7 +206,8 @@ def results_table(records: list[dict[str, Any]]) -> str:
         for ref in refs:
             per = [[r[key] for r in groups.get((ref, c), []) if r.get(key) is not None] for c in cats]
             means = [float(np.mean(v)) for v in per if v]
-            out.append(f"| {label[ref]} | {np.mean(means):.3f} | " + " | ".join(_cell(v) for v in per) + " |" if means else "")
+            mean = f"{np.mean(means):.3f}" if means and len(means) == len(cats) else ""  # a mean over some categories compares with nothing
+            out.append(f"| {label[ref]} | {mean} | " + " | ".join(_cell(v) for v in per) + " |")
         if pub is not None:
             for name, figures in PUBLISHED.items():
                 vals = [figures.get(c, (None, None))[pub] for c in cats]
