@@ -22,6 +22,7 @@ from ..scoring import ANOMALOUS
 from .capture import END, Capture, Mux, Reconnect, handover_for
 from .counters import Counters, merged, summarize
 from .inspection import AreaRule, Inspector
+from .watchdog import SystemdNotifier
 from .outputs import AnomalyFiles, JsonlWriter, Output, Picture, VideoOutput, Window, frame_record
 from .sources import Source
 
@@ -154,6 +155,7 @@ class StreamRun:
         self.station = self.live = None
         self.captures: list[Capture] = []
         self.summary_file = ReservedJson(opts.out_dir / "summary.json")
+        self.notifier = SystemdNotifier()  # systemd's watchdog, fed by inspected frames (a no-op outside systemd)
 
     def close_sources(self) -> None:
         for src in self.sources:
@@ -208,6 +210,7 @@ class StreamRun:
         self.t_start = self.t_end = time.perf_counter()
         for capture in self.captures:
             capture.start()
+        self.notifier.ready()
         # the station after the anomaly files it shows
         outputs = opts.outputs(self.stop) + list(opts.sinks) + [o for o in (self.live, self.station) if o is not None]
         self.stage = OutputStage(JsonlWriter(opts.out_dir / "frames.jsonl"), outputs, self.per_source, self.events, self.inspector, opts.roi,
@@ -226,14 +229,17 @@ class StreamRun:
                 if insp is END:
                     break
                 self.stage.handle(insp)
-                if bar is not None and insp.result is not None:
-                    bar.update(1)
+                if insp.result is not None:
+                    self.notifier.alive()
+                    if bar is not None:
+                        bar.update(1)
         finally:
             if bar is not None:
                 bar.close()
 
     def shut_down(self) -> None:
         """Stop capture and inference (also after an exception in the loop), then drain and close every output."""
+        self.notifier.stopping()
         self._stop_inspector()
         for capture in self.captures:
             capture.join()
