@@ -199,7 +199,8 @@ def test_webhook_that_fails_or_hangs_is_counted_and_never_holds_up_inspection(tm
         hook.stop()
 
 
-def test_cli_messages_name_the_model_and_the_source(exported, tmp_path):
+def _run_cli_into_webhook(exported, tmp_path, mode: str, query: str):
+    """`stfpm-edge run` on a 6-frame video with a webhook sink answering as ``mode``: (CLI result, the hook, model, video)."""
     from typer.testing import CliRunner
 
     from stfpm_edge.cli import app
@@ -207,33 +208,26 @@ def test_cli_messages_name_the_model_and_the_source(exported, tmp_path):
     _, onnx_path = exported
     video = tmp_path / "v.mp4"
     _write_video(video, 6, size=(64, 64))
-    hook = Webhook("ok").start()
+    hook = Webhook(mode).start()
     try:
         result = CliRunner().invoke(app, ["run", str(onnx_path), "--source", str(video), "--out", str(tmp_path / "o"),
-                                          "--sink", f"http://127.0.0.1:{hook.port}/v?send=all"])
-        assert result.exit_code == 0, result.output
-        assert len(hook.received) == 6 and "sent 6" in result.output
-        assert all(m["model"] == str(onnx_path) and m["source"] == f"video {video}" and "threshold" in m for m in hook.received)
+                                          "--sink", f"http://127.0.0.1:{hook.port}/v?{query}"])
     finally:
         hook.stop()
+    return result, hook, onnx_path, video
+
+
+def test_cli_messages_name_the_model_and_the_source(exported, tmp_path):
+    result, hook, onnx_path, video = _run_cli_into_webhook(exported, tmp_path, "ok", "send=all")
+    assert result.exit_code == 0, result.output
+    assert len(hook.received) == 6 and "sent 6" in result.output
+    assert all(m["model"] == str(onnx_path) and m["source"] == f"video {video}" and "threshold" in m for m in hook.received)
 
 
 def test_a_reject_signal_that_never_reached_the_line_fails_the_run_and_says_so_while_it_happens(exported, tmp_path):
     """A webhook that answers 500 to every message: each verdict is still in frames.jsonl, but the run's exit status is
     non-zero, stderr warned while it happened, and the closing error names the sink and how many messages were lost."""
-    from typer.testing import CliRunner
-
-    from stfpm_edge.cli import app
-
-    _, onnx_path = exported
-    video = tmp_path / "v.mp4"
-    _write_video(video, 6, size=(64, 64))
-    hook = Webhook("error").start()
-    try:
-        result = CliRunner().invoke(app, ["run", str(onnx_path), "--source", str(video), "--out", str(tmp_path / "o"),
-                                          "--sink", f"http://127.0.0.1:{hook.port}/v?send=all&retries=0&timeout=0.5&drain_s=2"])
-    finally:
-        hook.stop()
+    result, *_ = _run_cli_into_webhook(exported, tmp_path, "error", "send=all&retries=0&timeout=0.5&drain_s=2")
     assert result.exit_code == 2, result.output
     assert "warning: sink" in result.output and "a message could not be delivered (webhook: HTTP 500" in result.output  # while it happened
     assert "6 of 6 messages never reached the line (failed 6, dropped 0)" in result.output
