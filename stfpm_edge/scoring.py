@@ -35,7 +35,7 @@ def normalized_score(score: Any, threshold: float):
     return (_array(score) * (0.5 / float(threshold))).clip(0.0, 1.0)
 
 
-# most regions listed per frame (the largest by area); a frame with more says how many it left out
+# most regions listed per frame: the largest by area; smaller ones beyond are not listed (the verdict saw them all)
 MAX_REGIONS = 20
 
 

@@ -103,6 +103,19 @@ def fit_threshold(scores: np.ndarray, false_call_rate: float = DEFAULT_FALSE_CAL
     return entry
 
 
+def refit_threshold(meta: dict[str, Any], scores, false_call_rate: float | None = None, rule: str | None = None,
+                    sources: str | None = None) -> dict[str, Any]:
+    """A trained model's threshold set again (``stfpm-edge threshold``, ``stfpm-edge update``): ``fit_threshold`` on ``scores``
+    with the model's own rate, rule and seed unless given, the sources named, the entry it replaces kept in ``history``."""
+    old = meta.get("threshold") or {}
+    rate = false_call_rate if false_call_rate is not None else old.get("false_call_rate", DEFAULT_FALSE_CALL_RATE)
+    rule = rule or (old.get("rule") if old.get("rule") in THRESHOLD_RULES else "tail")  # "max" (too few scores) refits by the tail
+    entry = fit_threshold(scores, rate, rule, int((meta.get("config") or {}).get("seed", 0)))
+    entry["sources"] = sources or old.get("sources", "the checkpoint's held-out good scores")
+    entry["history"] = [*old.get("history", []), {k: old.get(k) for k in ("image", "rule", "false_call_rate")}]
+    return entry
+
+
 def normal_statistics(scores: np.ndarray) -> dict[str, float]:
     s = np.asarray(scores, dtype=np.float64)
     return {

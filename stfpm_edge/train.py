@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .backbones import resolve_layers, spec
-from .checkpoint import atomic_torch_save, save_checkpoint
+from .checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
 from .config import TrainConfig, parse_counts, parse_layers, parse_weights, per_level
 from .datasets import check_test_set, discover, evenly_spaced, heldout_splits
 from .errors import StfpmError
@@ -24,7 +24,7 @@ from .fileio import atomic_write_json, sha256_file
 from .geometry import Geometry, auto_size, decode_image
 from .model import STANDARDISED_LEVELS, STFPM, FeatureNorm, MapPost, MemoryBank, MemorySearch, channel_stats, check_level_count, coreset_levels, memory_rows, stfpm_loss
 from .store import TrainingStore
-from .thresholds import fit_threshold, normal_statistics
+from .thresholds import fit_threshold, normal_statistics, refit_threshold
 
 AUTO_SIZE_SAMPLES = 32  # training images whose size sets an automatic input size (evenly spaced over the set)
 LAST = "last.pt"  # resume state, rewritten atomically after every epoch
@@ -499,7 +499,6 @@ def add_good_images(checkpoint: Path, folders: list[Path], out: Path, progress: 
     stored out-of-fold good scores plus these images' scores against the memory before they joined it (out-of-fold too).
     A history entry records when, which images, and the old and new threshold. Returns that entry. A student is refused:
     its good images are learned by training."""
-    from .checkpoint import load_checkpoint
     from .datasets import Sample, list_images, load_images
     from .engines.torch_engine import TorchEngine
 
@@ -525,13 +524,10 @@ def add_good_images(checkpoint: Path, folders: list[Path], out: Path, progress: 
     old = meta["threshold"]
     stats = meta.get("normal_stats") or {}
     good = np.concatenate([np.asarray(stats.get("heldout_scores") or [], dtype=np.float64), before.astype(np.float64)])
-    entry = fit_threshold(good, old.get("false_call_rate", TrainConfig.false_call_rate),
-                          old.get("rule") if old.get("rule") in ("tail", "quantile") else "tail", int((meta.get("config") or {}).get("seed", 0)))
-    entry["sources"] = f"{old.get('sources', 'the good images of training')} + {len(paths)} added good images"
+    entry = refit_threshold(meta, good, sources=f"{old.get('sources', 'the good images of training')} + {len(paths)} added good images")
     event = {"time": datetime.now().isoformat(timespec="seconds"), "added_good_images": len(paths), "folders": [str(f) for f in folders],
              "old_threshold": old.get("image"), "new_threshold": entry["image"], "scores_before": [float(v) for v in before],
              "rows_added_per_level": [int(sum(len(r) for r in rows)) for rows in added]}
-    entry["history"] = [*old.get("history", []), {k: old.get(k) for k in ("image", "rule", "false_call_rate")}]
     meta["threshold"] = entry
     meta["normal_stats"] = {**stats, "heldout_scores": [float(v) for v in good], "image_scores": normal_statistics(good),
                             "heldout_sources": [*stats.get("heldout_sources", []), ["added good images", len(paths)]]}
