@@ -18,6 +18,7 @@ from .backbones import resolve_layers, spec
 from .checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
 from .config import TrainConfig, parse_counts, parse_layers, parse_weights, per_level
 from .datasets import check_test_set, discover, evenly_spaced, heldout_splits
+from .drift import reference_of
 from .errors import StfpmError
 from .evaluate import evaluate, predict, write_outputs
 from .fileio import atomic_write_json, sha256_file
@@ -470,7 +471,9 @@ def _finish(p: Prepared, training: dict[str, Any], progress: bool) -> tuple[Path
         "normalization": {"colour_order": "RGB", "mean": list(spec(cfg.backbone).mean), "std": list(spec(cfg.backbone).std)},
         "threshold": threshold_entry,
         "normal_stats": {"image_scores": normal_statistics(good_scores), "pixel_max": float(held_maps.max()),
-                         "heldout_scores": [float(v) for v in good_scores], "heldout_sources": [[name, n] for name, n in parts]},
+                         "heldout_scores": [float(v) for v in good_scores], "heldout_sources": [[name, n] for name, n in parts],
+                         # what a run compares its good frames with (stfpm_edge.drift): every good image of training, its out-of-fold scores
+                         "drift": reference_of([*p.train_imgs, *p.val_imgs, *p.calib_imgs], good_scores)},
         "config": cfg.to_dict(),
         "dataset": {"name": dataset.name, "layout": dataset.layout, "root": str(dataset.root), "n_train": len(train_s),
                     "n_val": len(val_s), "n_calib": len(calib_s), "n_test": len(dataset.test)},

@@ -30,6 +30,7 @@ class Counters:
     reconnects: int = 0
     gaps: deque = field(default_factory=lambda: deque(maxlen=1000))
     latency: dict = field(default_factory=_window)
+    drift: Any = None  # the source's drift.DriftWatch, set by the run
 
     def add_latency(self, stages: dict[str, float]) -> None:
         for k, v in stages.items():

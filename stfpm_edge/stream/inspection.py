@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..drift import image_stats
 from ..engines.base import EngineUnavailable
 from ..scoring import defect_regions, is_anomalous, normalized_score, verdict_with_area
 from .capture import END
@@ -41,6 +42,7 @@ class Result:
     map: np.ndarray  # at model size
     threshold: float  # the one the verdict used (an operator may change it during a run)
     regions: list | None = None  # above the threshold: its defect regions (scoring.defect_regions), the largest first
+    stats: dict | None = None  # brightness, contrast, sharpness of the frame at model size (drift.image_stats)
 
 
 @dataclass(frozen=True)
@@ -129,11 +131,11 @@ class Inspector:
             return out
         t2 = time.perf_counter()
         thr, area = self.threshold, self.area
-        for k, (insp, _, content, size) in enumerate(ready):
+        for k, (insp, fitted, content, size) in enumerate(ready):
             score = float(scores[k])
             regions = defect_regions(maps[k], thr, content, size, area.mm_per_pixel) if bool(is_anomalous(score, thr)) else None
             judged = verdict_with_area(score, thr, regions or [], area.min_area, area.mm_per_pixel is not None)
-            insp.result = Result(score, float(normalized_score(score, thr)), judged, maps[k], thr, regions)
+            insp.result = Result(score, float(normalized_score(score, thr)), judged, maps[k], thr, regions, image_stats(fitted))
         t3 = time.perf_counter()
         for insp, *_ in ready:
             insp.latency_ms.update(inference=(t2 - t1) * 1e3, postprocess=(t3 - t2) * 1e3)

@@ -5,6 +5,8 @@ latency histograms. Served on 127.0.0.1 unless another address is given.
 
     stfpm_frames_total{source="...", state="read|inspected|dropped|failed|anomalous"}
     stfpm_fps{source="..."}
+    stfpm_drift{source="..."}                       1 while drift is raised (stfpm_edge.drift), else 0
+    stfpm_drift_shift{source="...", quantity="score|brightness|contrast|sharpness"}  recent median - reference, in spreads
     stfpm_stage_latency_seconds_bucket{source="...", stage="wait|preprocess|inference|postprocess|output|end_to_end", le="..."}
 """
 
@@ -29,8 +31,15 @@ class _CountersCollector:
 
         frames = CounterMetricFamily("stfpm_frames", "Frames per source and state (read = inspected + failed + dropped)", labels=["source", "state"])
         fps = GaugeMetricFamily("stfpm_fps", "Frames inspected per second since the previous scrape", labels=["source"])
+        drift = GaugeMetricFamily("stfpm_drift", "1 while the good frames have drifted from the training images, else 0", labels=["source"])
+        shift = GaugeMetricFamily("stfpm_drift_shift", "Median of the recent good frames minus the training reference, in reference spreads",
+                                  labels=["source", "quantity"])
         now = time.perf_counter()
         for i, (c, name) in enumerate(zip(self.per_source, self.names)):
+            if c.drift is not None:
+                drift.add_metric([name], float(c.drift.drifting))
+                for q, z in c.drift.z.items():
+                    shift.add_metric([name, q], z)
             for state in STATES:
                 frames.add_metric([name, state], getattr(c, state))
             t0, n0 = self._last[i]
@@ -38,6 +47,8 @@ class _CountersCollector:
             self._last[i] = (now, c.inspected)
         yield frames
         yield fps
+        yield drift
+        yield shift
 
 
 class LiveMetrics(Output):

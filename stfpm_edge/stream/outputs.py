@@ -157,6 +157,9 @@ class Output:
     def write(self, insp: Inspection, picture: Picture) -> None:
         raise NotImplementedError
 
+    def event(self, record: dict) -> None:
+        """A run event that is not a frame (drift raised or cleared); outputs that tell someone override this."""
+
     def close(self) -> None:
         pass
 

@@ -20,6 +20,7 @@ from ..errors import StfpmError
 from ..fileio import ReservedJson, mask_secrets
 from ..scoring import ANOMALOUS
 from .capture import END, Capture, Mux, Reconnect, handover_for
+from ..drift import DriftWatch, describe, reference_from_meta
 from .counters import Counters, merged, summarize
 from .inspection import AreaRule, Inspector
 from .watchdog import SystemdNotifier
@@ -101,6 +102,25 @@ class OutputStage:
         counters.anomalous += insp.result.verdict == ANOMALOUS
         counters.add_latency(insp.latency_ms)
         self.writer.write(frame_record(insp))
+        if counters.drift is not None and insp.result.verdict != ANOMALOUS:
+            self._follow_drift(counters.drift, insp)
+
+    def _follow_drift(self, watch, insp) -> None:
+        """A good frame's score and image statistics to its source's drift watch; a change of state is an event record,
+        a line on stderr, and a message to every output that takes events (sinks, the station)."""
+        event = watch.update({"score": insp.result.score, **(insp.result.stats or {})}, insp.frame.index)
+        if event is None:
+            return
+        if insp.source_name is not None:
+            event["source"] = insp.source_name
+        event["time"] = time.time()
+        self.writer.write(event)
+        print(f"{'warning: ' if event['state'] == 'raised' else ''}{describe(event)}", file=sys.stderr, flush=True)
+        for out in self.outputs:
+            try:
+                out.event(event)
+            except OSError:
+                pass
 
     def _write(self, out: Output, insp, picture) -> None:
         entry = self.broken.get(out)
@@ -196,6 +216,9 @@ class StreamRun:
             self.close_sources()
             self._close_servers()
             raise
+        reference = reference_from_meta(self.inspector.meta)
+        for counters in self.per_source:
+            counters.drift = DriftWatch(reference)
         if self.station is not None:
             print(f"operator station: {self.station.url}", flush=True)
         if self.live is not None:
@@ -283,6 +306,9 @@ class StreamRun:
             summary["records_error"] = writer.error
         summary["anomaly_files_rotated"] = sum(getattr(o, "rotated", 0) for o in outputs)
         summary["threshold"] = self.inspector.threshold
+        watches = [c.drift for c in self.per_source if c.drift is not None]
+        if watches:
+            summary["drift"] = watches[0].status() if not self.multi else {n: c.drift.status() for n, c in zip(self.names, self.per_source) if c.drift}
         if opts.sinks:
             summary["sinks"] = [s.stats() for s in opts.sinks]
         if self.station is not None:

@@ -113,6 +113,9 @@ class Sink(Output):
         if self.wants(record):
             self.offer(record, insp.arrival)
 
+    def event(self, record: dict) -> None:  # drift raised / cleared: to the line's message bus as it happens
+        self.offer(record, time.perf_counter())
+
     def offer(self, message: dict, captured: float) -> None:
         """Queue ``message`` (``captured``: perf_counter when its frame arrived); never blocks."""
         with self._cv:
@@ -296,6 +299,9 @@ class ModbusSink(Sink):
     """A reject pulse on coil N for each anomalous frame (or line-scan detection): the coil goes on,
     stays on ``pulse_ms``, goes off, and stays off as long again before the next pulse, so a PLC
     counts every edge. Latency is frame capture -> coil on."""
+
+    def event(self, record: dict) -> None:  # a reject coil carries verdicts only: a drift event must not pulse it
+        pass
 
     def __init__(self, url: str):
         u, _, _, port = _split(url)

@@ -87,6 +87,7 @@ class Station(Output):
         self.recent_scores: deque = deque(maxlen=1000)
         self.gallery: deque = deque(maxlen=GALLERY)
         self.changes: list[dict] = []
+        self.drift_notes: dict[str, str | None] = {}  # source -> what drifted (None once cleared)
         self._fps_marks = [(time.perf_counter(), 0)] * len(per_source)
         self._fps = [0.0] * len(per_source)
         self.closed = False
@@ -114,6 +115,12 @@ class Station(Output):
                     self._frames[src] = (buf.tobytes(), self._frames.get(src, (b"", 0))[1] + 1)
             self._last_encode[src] = now
 
+    def event(self, record: dict) -> None:
+        if record.get("event") == "drift":  # the banner's text, per source
+            from ..drift import describe
+
+            self.drift_notes[record.get("source") or self.names[0]] = describe(record) if record["state"] == "raised" else None
+
     def close(self) -> None:
         self.closed = True
         if self._server is not None:
@@ -131,13 +138,14 @@ class Station(Output):
                 self._fps[i] = (c.inspected - n0) / (now - t0)
                 self._fps_marks[i] = (now, c.inspected)
             sources.append({"name": name, "inspected": c.inspected, "anomalous": c.anomalous, "dropped": c.dropped, "failed": c.failed,
-                            "fps": round(self._fps[i], 2)})
+                            "fps": round(self._fps[i], 2), "drifting": bool(c.drift is not None and c.drift.drifting)})
         total = merged(self.per_source)
         lat = {k: percentiles(list(total.latency[k])) for k in ("inference", "end_to_end") if total.latency.get(k)}
         return {"title": self.title, "inspected": total.inspected, "anomalous": total.anomalous, "dropped": total.dropped, "failed": total.failed,
                 "read": total.read, "fps": round(sum(self._fps), 2), "latency_ms": lat, "threshold": self.inspector.threshold,
                 "model_threshold": (self.inspector.meta.get("threshold") or {}).get("image"), "sources": sources,
-                "gallery": list(self.gallery), "changes": self.changes[-10:], "running": not self.closed}
+                "gallery": list(self.gallery), "changes": self.changes[-10:], "running": not self.closed,
+                "drift": [note for note in self.drift_notes.values() if note]}
 
     def preview(self, value: float) -> dict[str, Any]:
         """What ``value`` would do: false alarms on the model's held-out good images, and how many
@@ -330,8 +338,10 @@ PAGE = """<!doctype html>
  #big img{max-width:48vw;max-height:90vh}
  input[type=number]{width:110px} button{padding:4px 10px} #preview{font-size:13px;color:#ccc;margin-top:6px;min-height:3em}
  .bad{color:#f66}
+ #drift{display:none;padding:8px 14px;background:#a60;color:#fff;font-weight:600}
 </style></head><body>
 <header><h1>stfpm-edge · __TITLE__</h1><span id="status">connecting…</span></header>
+<div id="drift" role="alert"></div>
 <main>
  <section class="tile" id="tiles"><figure class="cam"><img id="live" src="/stream.mjpg?source=0" alt="live annotated stream"><figcaption></figcaption></figure></section>
  <section>
@@ -378,6 +388,7 @@ async function refresh() {
       if (src) f.querySelector('figcaption').textContent = `${src.name}: ${src.inspected} inspected, ${src.anomalous} anomalous, ${src.fps.toFixed(1)} FPS`; });
     if ($('thr').value === '' && s.threshold !== null) $('thr').value = Number(s.threshold.toPrecision(4));
     $('status').textContent = s.running ? 'running' : 'stopped';
+    $('drift').textContent = s.drift.join(' · '); $('drift').style.display = s.drift.length ? 'block' : 'none';
     const key = s.gallery.map(g => g.frame).join(',');
     if (key !== shown) {
       shown = key;
