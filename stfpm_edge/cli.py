@@ -364,9 +364,12 @@ def _roi(value: Optional[str]):
     return x, y, w, h
 
 
-@command(help="Inspect a camera stream, video, URL, GStreamer pipeline, image folder or glob in real time.")
+@command(help="Inspect a camera stream, video, URL, GStreamer pipeline, image folder or glob in real time. Several models are "
+              "recipes (one per product): all open at the start, the first judges, and the station (POST /api/recipe) switches "
+              "between two frames.")
 def run(
-    model: Path = typer.Argument(..., help=".pt, .onnx or .engine, or a model served by Triton: grpc://host:8001/NAME (http://host:8000/NAME)"),
+    model: List[str] = typer.Argument(..., help=".pt, .onnx or .engine, or a model served by Triton: grpc://host:8001/NAME (http://host:8000/NAME); "
+                                      "several for a line that changes product, each PATH or NAME=PATH (NAME defaults to the file's stem)"),
     source: List[str] = typer.Option(..., "--source", help="camera index (0), video file, rtsp://... or http://..., a GStreamer pipeline (contains '!'), "
                                      "an image folder or a glob; repeat it for several cameras: one capture thread each, their frames batched into one engine call"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for frames.jsonl, summary.json, anomalies/, video; one folder per run [default: runs/inspect-<time>]"),
@@ -385,6 +388,9 @@ def run(
     sink: List[str] = typer.Option([], "--sink", help="send verdicts to the line, repeatable: mqtt://[user:pw@]host:1883/topic[?send=anomalous], "
                                    "modbus://host:502/coil/N[?pulse_ms=200] (a reject pulse per anomaly), http(s)://... (webhook, anomalies); "
                                    "see docs/line.md"),
+    recipe_from: List[str] = typer.Option([], "--recipe-from", help="with several models: switch recipes when the line says so, repeatable: "
+                                          "mqtt://host:1883/topic (a message names the recipe) or modbus://host:502/register/N (the PLC's product "
+                                          "index: 1 = the first model; polled every poll_ms=100); see docs/line.md"),
     ui: Optional[str] = typer.Option(None, "--ui", help="serve the operator station at host:port (e.g. 127.0.0.1:8080; loopback unless you name another address)"),
     ui_token: Optional[str] = typer.Option(None, "--ui-token", envvar="STFPM_UI_TOKEN", help="token the station asks for before a change; required for a non-loopback --ui"),
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", min=0, max=65535, help="serve live Prometheus metrics (frames per source and state, FPS, stage latency histograms) on this port"),
@@ -401,12 +407,12 @@ def run(
     from .stream.pipeline import RunOptions
     from .stream.session import Session, run_session
 
-    session = Session(model, source[0] if len(source) == 1 else list(source), out, {"threads": threads, "build_if_stale": build_if_stale, "zero_copy": zero_copy},
+    session = Session(model[0] if len(model) == 1 else list(model), source[0] if len(source) == 1 else list(source), out, {"threads": threads, "build_if_stale": build_if_stale, "zero_copy": zero_copy},
                       LineScanOptions(Path(), scale=scale, overlap=overlap, mm_per_row=mm_per_row) if line_scan else None,
                       RunOptions(Path(), roi=_roi(roi), save_video=save_video, save_anomalies=save_anomalies, show=show, max_frames=max_frames,
                                  pace_fps=pace, ui=ui, ui_token=ui_token, max_batch=max_batch,
                                  metrics_port=metrics_port, metrics_host=metrics_host, area=AreaRule(min_defect_area, mm_per_pixel)),
-                      sinks=list(sink))
+                      sinks=list(sink), recipe_from=list(recipe_from))
     out, summary = run_session(session)
     if line_scan:
         typer.echo(f"rows {summary['rows_received']} | tiles {summary['tiles_inspected']} | rows uninspected {summary['rows_uninspected']} | "
@@ -420,6 +426,8 @@ def run(
         for stage in ("preprocess", "inference", "output", "end_to_end"):
             if stage in lat:
                 typer.echo(f"  {stage:>11}: p50 {lat[stage]['p50']:.1f} ms, p99 {lat[stage]['p99']:.1f} ms")
+        for change in summary.get("recipe_changes", []):
+            typer.echo(f"  recipe {change['old']} -> {change['new']} from frame {change['first_frame']} ({change['by']})")
         for per in summary.get("sources", []):
             typer.echo(f"  {per['source']}: read {per['frames_read']} | inspected {per['frames_inspected']} | dropped {per['frames_dropped']} | "
                        f"failed {per['frames_failed']} | anomalous {per['frames_anomalous']}")

@@ -110,7 +110,8 @@ class Plc:
             warnings.simplefilter("ignore")  # the classic data store is deprecated in favour of SimDevice (pymodbus 3.16+)
             from pymodbus.datastore import ModbusDeviceContext, ModbusSequentialDataBlock, ModbusServerContext
 
-            ctx = ModbusServerContext(devices=ModbusDeviceContext(co=ModbusSequentialDataBlock(1, [0] * 64)), single=True)
+            ctx = ModbusServerContext(devices=ModbusDeviceContext(co=ModbusSequentialDataBlock(1, [0] * 64),
+                                                                  hr=ModbusSequentialDataBlock(1, [0] * 64)), single=True)
 
         async def serve():
             self._server = ModbusTcpServer(ctx, address=("127.0.0.1", self.port), trace_pdu=self._trace)
@@ -120,6 +121,17 @@ class Plc:
         asyncio.run_coroutine_threadsafe(serve(), self._loop).result(10)
         wait_port(self.port)
         return self
+
+    def write_register(self, address: int, value: int) -> None:
+        """What the PLC program does: put ``value`` in holding register ``address`` (through its own Modbus server)."""
+        from pymodbus.client import ModbusTcpClient
+
+        client = ModbusTcpClient("127.0.0.1", port=self.port, timeout=2, retries=1)
+        try:
+            assert client.connect(), "the PLC stand-in does not answer"
+            assert not client.write_register(address, value, device_id=1).isError()
+        finally:
+            client.close()
 
     def pulses(self, coil: int) -> list[tuple[float, float]]:
         """(on, off) perf_counter pairs of the coil's pulses."""

@@ -102,3 +102,31 @@ def test_a_run_whose_light_fades_after_frame_100_raises_drift_before_its_first_f
     first_false_call = min((r["frame"] for r in records if r.get("verdict") == "anomalous" and r["frame"] not in flagged_anyway), default=None)
     assert first_false_call is not None and drift[0]["frame"] < first_false_call, (drift[0], first_false_call)
     assert summary["drift"]["drifting"] is True
+
+
+def test_the_station_shows_a_banner_and_prometheus_a_gauge_while_drift_lasts(tmp_path):
+    import threading
+
+    from stfpm_edge.stream.counters import Counters
+    from stfpm_edge.stream.inspection import Inspector
+    from stfpm_edge.stream.metrics import _CountersCollector
+    from stfpm_edge.stream.station import Station
+
+    rng = np.random.default_rng(6)
+    counters = Counters()
+    counters.drift = DriftWatch(_reference(rng))
+    station = Station("127.0.0.1:0", tmp_path, [counters], ["cam1"], Inspector(lambda: None, None, threading.Event()), [])
+
+    def gauges():
+        families = {f.name: f for f in _CountersCollector([counters], ["cam1"]).collect()}
+        return families["stfpm_drift"].samples[0].value, {s.labels["quantity"]: s.value for s in families["stfpm_drift_shift"].samples}
+
+    events = [e for i, v in enumerate(_stationary(rng, 200, shift_from=50, per_frame=0.5)) if (e := counters.drift.update(v, i))]
+    station.event(events[0])
+    state = station.state()
+    assert state["sources"][0]["drifting"] and len(state["drift"]) == 1 and "brightness" in state["drift"][0]
+    drifting, shifts = gauges()
+    assert drifting == 1.0 and shifts["brightness"] <= -4
+    back = [e for i, v in enumerate(_stationary(rng, 60), start=200) if (e := counters.drift.update(v, i))]
+    station.event(back[-1])
+    assert station.state()["drift"] == [] and gauges()[0] == 0.0

@@ -12,7 +12,7 @@ from pathlib import Path
 import stfpm_edge
 
 PKG = Path(stfpm_edge.__file__).parent
-RUN_SIDE = ("geometry", "scoring", "timing", "fileio", "errors", "onnxmeta", "render", "engines", "stream", "serve")
+RUN_SIDE = ("geometry", "scoring", "drift", "timing", "fileio", "errors", "onnxmeta", "render", "engines", "stream", "serve")
 TRAINING_SIDE = ("datasets", "store", "train", "evaluate", "metrics", "thresholds", "report", "bench", "demo", "synthetic",
                  "config", "calib", "export", "cli")
 MODEL = ("model", "backbones", "checkpoint", "retired")

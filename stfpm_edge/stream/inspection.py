@@ -8,6 +8,7 @@ output stage accounts for every frame read.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -18,6 +19,7 @@ import numpy as np
 
 from ..drift import image_stats
 from ..engines.base import EngineUnavailable
+from ..errors import StfpmError
 from ..scoring import defect_regions, is_anomalous, normalized_score, verdict_with_area
 from .capture import END
 from .sources import Frame
@@ -43,6 +45,8 @@ class Result:
     threshold: float  # the one the verdict used (an operator may change it during a run)
     regions: list | None = None  # above the threshold: its defect regions (scoring.defect_regions), the largest first
     stats: dict | None = None  # brightness, contrast, sharpness of the frame at model size (drift.image_stats)
+    recipe: str | None = None  # the product model that judged it (runs given several models)
+    geometry: Any = None  # that model's geometry (its input size): how its map is laid back over the frame
 
 
 @dataclass(frozen=True)
@@ -63,18 +67,29 @@ class Inspection:
     source: int = 0  # which of the run's sources (several: --source A --source B)
     batch: int = 1  # frames in the engine call that inspected this one
     source_name: str | None = None  # set by the output stage when a run has several sources
+    switch: dict | None = None  # the first frame judged after a recipe change carries the change's event record
 
 
 class Inspector:
     """Runs ``engine_factory()`` in its own thread and inspects frames until ``END``.
 
-    ``ready`` is set once the engine is open (``geometry`` and ``threshold`` are then known) or
-    failed to open (``error`` holds why). The results queue always ends with ``END``.
+    ``engine_factory`` is one callable, or a dict of recipe name -> callable: one model per product.
+    Every recipe's engine is opened at the start (a bad one fails the run before any frame); the first
+    is active. ``request_recipe`` asks for another: the switch happens between two engine calls, so no
+    frame is judged by a half-switched model, and the first frame judged after it carries the event.
+    ``ready`` is set once the engines are open (``geometry`` and ``threshold`` of the active one are then
+    known) or one failed to open (``error`` holds why). The results queue always ends with ``END``.
     """
 
-    def __init__(self, engine_factory: Callable[[], Any], handover, stop: threading.Event, roi=None, results_size: int = 8,
-                 area: AreaRule | None = None):
-        self.engine_factory, self.handover, self.stop, self.roi = engine_factory, handover, stop, roi
+    def __init__(self, engine_factory: Callable[[], Any] | dict[str, Callable[[], Any]], handover, stop: threading.Event, roi=None,
+                 results_size: int = 8, area: AreaRule | None = None):
+        self.factories = dict(engine_factory) if isinstance(engine_factory, dict) else {None: engine_factory}
+        self.recipe: str | None = next(iter(self.factories))
+        self.thresholds: dict = {}  # recipe -> its threshold (an operator's change applies to the active recipe's)
+        self._engines: dict = {}
+        self._pending: tuple[str, str] | None = None
+        self._switch_lock = threading.Lock()
+        self.handover, self.stop, self.roi = handover, stop, roi
         self.area = area or AreaRule()
         self.results: queue.Queue = queue.Queue(maxsize=results_size)
         self.ready = threading.Event()
@@ -95,9 +110,40 @@ class Inspector:
         self._thread.join()
 
     def set_threshold(self, value: float) -> float:
-        """Apply a new image threshold to the frames inspected from now on; returns the old one."""
-        old, self.threshold = self.threshold, float(value)
+        """Apply a new image threshold (to the active recipe) to the frames inspected from now on; returns the old one."""
+        with self._switch_lock:
+            old, self.threshold = self.threshold, float(value)
+            self.thresholds[self.recipe] = self.threshold
         return old
+
+    @property
+    def recipes(self) -> list:
+        return [name for name in self.factories if name is not None]
+
+    def recipe_meta(self, name) -> dict:
+        return self._engines[name].meta if name in self._engines else self.meta
+
+    def request_recipe(self, name: str, who: str) -> None:
+        """Judge the frames of the next engine call with recipe ``name``; an unknown name raises ``KeyError``."""
+        if name not in self.factories or name is None:
+            raise KeyError(name)
+        with self._switch_lock:
+            self._pending = (name, who)
+
+    def _activate(self, name) -> None:
+        engine = self._engines[name]
+        self.recipe, self.engine = name, engine
+        self.geometry, self.meta = engine.geometry, engine.meta
+        self.threshold = self.thresholds.setdefault(name, engine.threshold)
+
+    def _switch_if_asked(self) -> dict | None:
+        with self._switch_lock:
+            pending, self._pending = self._pending, None
+            if pending is None or pending[0] == self.recipe:
+                return None
+            old = self.recipe
+            self._activate(pending[0])
+        return {"event": "recipe_changed", "old": old, "new": pending[0], "by": pending[1], "time": time.time(), "threshold": self.threshold}
 
     def _inspect(self, engine, items: list[tuple[int, tuple[Frame, float]]]) -> list[Inspection]:
         """Inspect ``(source index, (frame, arrival))`` items in one engine call; a frame that cannot
@@ -130,12 +176,12 @@ class Inspector:
                 insp.latency_ms.pop("preprocess", None)
             return out
         t2 = time.perf_counter()
-        thr, area = self.threshold, self.area
+        thr, area, recipe = self.threshold, self.area, self.recipe
         for k, (insp, fitted, content, size) in enumerate(ready):
             score = float(scores[k])
             regions = defect_regions(maps[k], thr, content, size, area.mm_per_pixel) if bool(is_anomalous(score, thr)) else None
             judged = verdict_with_area(score, thr, regions or [], area.min_area, area.mm_per_pixel is not None)
-            insp.result = Result(score, float(normalized_score(score, thr)), judged, maps[k], thr, regions, image_stats(fitted))
+            insp.result = Result(score, float(normalized_score(score, thr)), judged, maps[k], thr, regions, image_stats(fitted), recipe, engine.geometry)
         t3 = time.perf_counter()
         for insp, *_ in ready:
             insp.latency_ms.update(inference=(t2 - t1) * 1e3, postprocess=(t3 - t2) * 1e3)
@@ -144,15 +190,27 @@ class Inspector:
 
     def _run(self) -> None:
         try:
-            with self.engine_factory() as engine:
-                self.geometry, self.threshold, self.meta = engine.geometry, engine.threshold, engine.meta
+            with contextlib.ExitStack() as opened:
+                for name, factory in self.factories.items():  # every recipe now: a bad model fails before the first frame
+                    try:
+                        self._engines[name] = opened.enter_context(factory())
+                    except StfpmError as exc:
+                        if name is not None:  # say which of the run's models it is
+                            exc.args = (f"recipe {name}: {exc}", *exc.args[1:])
+                        raise
+                with self._switch_lock:
+                    self._activate(self.recipe)
                 self.ready.set()
                 batched = hasattr(self.handover, "get_batch")  # several sources: one engine call for the frames they have
                 while True:
                     items = self.handover.get_batch() if batched else self.handover.get()
                     if items is END:
                         break
-                    for insp in self._inspect(engine, items if batched else [(0, items)]):
+                    switch = self._switch_if_asked()  # between two engine calls: never a half-switched model
+                    done = self._inspect(self.engine, items if batched else [(0, items)])
+                    if switch is not None:  # an engine call always has at least one frame
+                        done[0].switch = {**switch, "first_frame": done[0].frame.index}
+                    for insp in done:
                         self.results.put(insp)
         except BaseException as exc:  # surfaced by the caller after the pipeline drained
             self.error = exc

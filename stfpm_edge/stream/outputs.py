@@ -278,6 +278,8 @@ def frame_record(insp: Inspection) -> dict[str, Any]:
         record.update({"status": "failed", "error": mask_secrets(f.error or "undecodable frame")})
         return record
     r = insp.result
+    if r.recipe is not None:
+        record["recipe"] = r.recipe
     record.update({"status": "inspected", "score": r.score, "normalized_score": r.normalized_score, "verdict": r.verdict,
                    "latency_ms": {k: round(v, 3) for k, v in insp.latency_ms.items()}})
     if r.regions is not None:  # above the threshold: where, how large, how strong (a frame kept good by --min-defect-area too)

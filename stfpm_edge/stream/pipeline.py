@@ -47,6 +47,7 @@ class RunOptions:
     metrics_port: int | None = None  # live Prometheus metrics on this port (0: any free port)
     metrics_host: str = "127.0.0.1"
     area: AreaRule = field(default_factory=AreaRule)  # defect regions in mm², the inspection spec's minimum defect area
+    controls: list = field(default_factory=list)  # stream.control.RecipeControl objects (not started): changeovers from MQTT / the PLC
 
     def check_sources(self, n: int) -> None:
         """Refuse the outputs that take one source when a run has ``n`` > 1."""
@@ -80,10 +81,15 @@ class OutputStage:
         self.writer, self.outputs, self.per_source, self.events, self.inspector, self.roi = writer, outputs, counters, events, inspector, roi
         self.names = names  # several sources: every record says which
         self.broken: dict = {}
+        self.switches: list[dict] = []
+        self.watches: dict = {}  # (source, recipe) -> DriftWatch: each product is compared with its own training images
 
     def handle(self, insp) -> None:
         while self.events:
             self.writer.write(self.events.pop(0))
+        if insp.switch is not None:  # a recipe change, just before the first frame the new model judged
+            self.writer.write(insp.switch)
+            self.switches.append(insp.switch)
         counters = self.per_source[insp.source]
         if self.names:
             insp.source_name = self.names[insp.source]
@@ -92,7 +98,7 @@ class OutputStage:
             self.writer.write(frame_record(insp))
             return
         t4 = time.perf_counter()
-        picture = Picture(insp, self.inspector.geometry, insp.result.threshold, self.roi)
+        picture = Picture(insp, insp.result.geometry or self.inspector.geometry, insp.result.threshold, self.roi)
         for out in self.outputs:  # each draws on the shared picture only if it needs it
             self._write(out, insp, picture)
         t5 = time.perf_counter()
@@ -102,7 +108,11 @@ class OutputStage:
         counters.anomalous += insp.result.verdict == ANOMALOUS
         counters.add_latency(insp.latency_ms)
         self.writer.write(frame_record(insp))
-        if counters.drift is not None and insp.result.verdict != ANOMALOUS:
+        if insp.result.verdict != ANOMALOUS:
+            key = (insp.source, insp.result.recipe)
+            if key not in self.watches:
+                self.watches[key] = DriftWatch(reference_from_meta(self.inspector.recipe_meta(insp.result.recipe)))
+            counters.drift = self.watches[key]
             self._follow_drift(counters.drift, insp)
 
     def _follow_drift(self, watch, insp) -> None:
@@ -216,13 +226,12 @@ class StreamRun:
             self.close_sources()
             self._close_servers()
             raise
-        reference = reference_from_meta(self.inspector.meta)
-        for counters in self.per_source:
-            counters.drift = DriftWatch(reference)
         if self.station is not None:
             print(f"operator station: {self.station.url}", flush=True)
         if self.live is not None:
             print(f"metrics: http://{opts.metrics_host}:{self.live.port}/metrics", flush=True)
+        for control in opts.controls:
+            control.start(self.inspector, self.events)
         for sink in opts.sinks:
             if not self.multi:
                 sink.context.setdefault("source", self.names[0])
@@ -263,6 +272,8 @@ class StreamRun:
     def shut_down(self) -> None:
         """Stop capture and inference (also after an exception in the loop), then drain and close every output."""
         self.notifier.stopping()
+        for control in self.opts.controls:
+            control.close()
         self._stop_inspector()
         for capture in self.captures:
             capture.join()
@@ -306,6 +317,12 @@ class StreamRun:
             summary["records_error"] = writer.error
         summary["anomaly_files_rotated"] = sum(getattr(o, "rotated", 0) for o in outputs)
         summary["threshold"] = self.inspector.threshold
+        if self.inspector.recipes:
+            summary["recipe"] = self.inspector.recipe
+            summary["recipes"] = {name: {"threshold": self.inspector.thresholds.get(name)} for name in self.inspector.recipes}
+            summary["recipe_changes"] = self.stage.switches
+            if opts.controls:
+                summary["recipe_controls"] = [c.stats() for c in opts.controls]
         watches = [c.drift for c in self.per_source if c.drift is not None]
         if watches:
             summary["drift"] = watches[0].status() if not self.multi else {n: c.drift.status() for n, c in zip(self.names, self.per_source) if c.drift}

@@ -145,7 +145,8 @@ class Station(Output):
                 "read": total.read, "fps": round(sum(self._fps), 2), "latency_ms": lat, "threshold": self.inspector.threshold,
                 "model_threshold": (self.inspector.meta.get("threshold") or {}).get("image"), "sources": sources,
                 "gallery": list(self.gallery), "changes": self.changes[-10:], "running": not self.closed,
-                "drift": [note for note in self.drift_notes.values() if note]}
+                "drift": [note for note in self.drift_notes.values() if note],
+                "recipe": self.inspector.recipe, "recipes": self.inspector.recipes}
 
     def preview(self, value: float) -> dict[str, Any]:
         """What ``value`` would do: false alarms on the model's held-out good images, and how many
@@ -188,6 +189,19 @@ class Station(Output):
         self.events.append(event)  # the output stage writes it into the JSONL before the next record
         return event
 
+    def switch(self, name: str, who: str) -> dict[str, Any]:
+        """Ask for recipe ``name`` from the next engine call on; an unknown one is refused and logged."""
+        recipes = self.inspector.recipes
+        try:
+            self.inspector.request_recipe(name, who)
+        except KeyError:
+            why = f"no recipe named {name!r}; this run has {', '.join(recipes)}" if recipes else "this run has one model (give run several to switch)"
+            event = {"event": "recipe_refused", "name": name, "by": who, "time": time.time(), "error": why}
+            self.changes.append(event)
+            self.events.append(event)
+            return event
+        return {"requested": name, "by": who, "time": time.time(), "note": "judges from the next frame the engine takes"}
+
     # -- the web app ------------------------------------------------------------------------------
     def _app(self):
         from starlette.applications import Starlette
@@ -222,23 +236,21 @@ class Station(Output):
             return JSONResponse(self.preview(v))
 
         async def change(request: Request):
-            if self.token is not None:
-                given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-                if not hmac.compare_digest(given.encode(), self.token.encode()):
-                    return JSONResponse({"error": "a valid token is needed to change the threshold"}, status_code=401)
-            if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-                return JSONResponse({"error": "send JSON"}, status_code=415)
-            origin = request.headers.get("origin")
-            if origin is not None and origin.split("://", 1)[-1] != request.headers.get("host"):
-                return JSONResponse({"error": "foreign origin"}, status_code=403)
-            try:
-                body = await request.json()
-            except ValueError:
-                return JSONResponse({"error": "body is not JSON"}, status_code=400)
-            v = number(body.get("value") if isinstance(body, dict) else None)
+            body, refused = await _posted(request, self.token, "threshold")
+            if refused is not None:
+                return refused
+            v = number(body.get("value"))
             if v is None:
                 return JSONResponse({"error": "value must be a finite number"}, status_code=400)
-            return JSONResponse(self.apply(v, f"ui {request.client.host if request.client else '?'}"))
+            return JSONResponse(self.apply(v, _who(request)))
+
+        async def recipe(request: Request):
+            body, refused = await _posted(request, self.token, "recipe")
+            if refused is not None:
+                return refused
+            name = body.get("name")
+            result = self.switch(name if isinstance(name, str) else "", _who(request))
+            return JSONResponse(result, status_code=200 if "error" not in result else (400 if not self.inspector.recipes else 404))
 
         async def stream(request: Request):
             try:
@@ -273,7 +285,7 @@ class Station(Output):
             return FileResponse(path, headers={"Cache-Control": "no-store"})
 
         routes = [Route("/", page), Route("/api/state", state), Route("/api/threshold/preview", preview), Route("/api/operating", operating),
-                  Route("/api/threshold", change, methods=["POST"]), Route("/stream.mjpg", stream),
+                  Route("/api/threshold", change, methods=["POST"]), Route("/api/recipe", recipe, methods=["POST"]), Route("/stream.mjpg", stream),
                   Route("/anomalies/{name}", files)]
         hosts = list(LOOPBACK_NAMES) if self.loopback else ["*"]
         return Starlette(routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)])
@@ -309,6 +321,31 @@ class Station(Output):
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/"
+
+
+async def _posted(request, token: str | None, what: str):
+    """The JSON body of a state-changing request, or the response that refuses it: the token (when the station has one),
+    a JSON content type, the page's own origin."""
+    from starlette.responses import JSONResponse
+
+    if token is not None:
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return None, JSONResponse({"error": f"a valid token is needed to change the {what}"}, status_code=401)
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        return None, JSONResponse({"error": "send JSON"}, status_code=415)
+    origin = request.headers.get("origin")
+    if origin is not None and origin.split("://", 1)[-1] != request.headers.get("host"):
+        return None, JSONResponse({"error": "foreign origin"}, status_code=403)
+    try:
+        body = await request.json()
+    except ValueError:
+        return None, JSONResponse({"error": "body is not JSON"}, status_code=400)
+    return (body if isinstance(body, dict) else {}), None
+
+
+def _who(request) -> str:
+    return f"ui {request.client.host if request.client else '?'}"
 
 
 def _html_escape(text: str) -> str:
@@ -353,7 +390,9 @@ PAGE = """<!doctype html>
    <tr><td>FPS</td><td class="v" id="fps">–</td></tr>
    <tr><td>latency p50 / p99 (ms)</td><td class="v" id="latency">–</td></tr>
    <tr><td>threshold</td><td class="v" id="threshold">–</td></tr>
-  </table></div>
+   <tr id="reciperow" style="display:none"><td>product (recipe)</td><td class="v"><b id="recipe">–</b>
+     <select id="recipes" aria-label="switch to recipe"></select> <button id="switch">switch</button></td></tr>
+  </table><div id="recipenote" style="font-size:13px;color:#ccc"></div></div>
   <div class="tile" style="margin-top:12px">
    <label>new threshold <input id="thr" type="number" step="any"></label>
    <button id="check">preview</button> <button id="apply" disabled>apply</button>
@@ -388,6 +427,11 @@ async function refresh() {
       if (src) f.querySelector('figcaption').textContent = `${src.name}: ${src.inspected} inspected, ${src.anomalous} anomalous, ${src.fps.toFixed(1)} FPS`; });
     if ($('thr').value === '' && s.threshold !== null) $('thr').value = Number(s.threshold.toPrecision(4));
     $('status').textContent = s.running ? 'running' : 'stopped';
+    if (s.recipes.length) {
+      $('reciperow').style.display = ''; $('recipe').textContent = s.recipe;
+      if ($('recipes').options.length !== s.recipes.length)
+        $('recipes').replaceChildren(...s.recipes.map(n => { const o = document.createElement('option'); o.value = o.textContent = n; return o; }));
+    }
     $('drift').textContent = s.drift.join(' · '); $('drift').style.display = s.drift.length ? 'block' : 'none';
     const key = s.gallery.map(g => g.frame).join(',');
     if (key !== shown) {
@@ -416,11 +460,20 @@ $('check').onclick = async () => {
   $('preview').textContent = t; $('apply').disabled = false; $('apply').dataset.value = v;
 };
 $('thr').oninput = () => { $('apply').disabled = true; };
-$('apply').onclick = async () => {
+function jsonHeaders() {
   const headers = {'Content-Type': 'application/json'};
   const token = new URLSearchParams(location.hash.slice(1)).get('token');
   if (token) headers['Authorization'] = 'Bearer ' + token;
-  const r = await fetch('/api/threshold', {method: 'POST', headers, body: JSON.stringify({value: Number($('apply').dataset.value)})});
+  return headers;
+}
+$('switch').onclick = async () => {
+  const r = await fetch('/api/recipe', {method: 'POST', headers: jsonHeaders(), body: JSON.stringify({name: $('recipes').value})});
+  const e = await r.json();
+  $('recipenote').textContent = r.ok ? `switching to ${e.requested} from the next frame` : e.error;
+  refresh(); curve();
+};
+$('apply').onclick = async () => {
+  const r = await fetch('/api/threshold', {method: 'POST', headers: jsonHeaders(), body: JSON.stringify({value: Number($('apply').dataset.value)})});
   const e = await r.json();
   $('preview').textContent = r.ok ? `applied: ${fmt(e.old)} → ${fmt(e.new)} from the next frame on` : e.error;
   $('apply').disabled = true; refresh(); curve();
