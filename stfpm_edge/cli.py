@@ -391,6 +391,9 @@ def run(
     recipe_from: List[str] = typer.Option([], "--recipe-from", help="with several models: switch recipes when the line says so, repeatable: "
                                           "mqtt://host:1883/topic (a message names the recipe) or modbus://host:502/register/N (the PLC's product "
                                           "index: 1 = the first model; polled every poll_ms=100); see docs/line.md"),
+    trigger: Optional[str] = typer.Option(None, "--trigger", help="the PLC handshake: a frame per rising edge of the PLC's trigger coil, the verdict "
+                                          "written back (ok coil, sequence register, result-valid coil) and its acknowledgement awaited: "
+                                          "modbus://host:502/handshake?trigger=C&ready=C&valid=C&ok=C&ack=C&seq=R[&ack_ms=1000]; see docs/line.md"),
     ui: Optional[str] = typer.Option(None, "--ui", help="serve the operator station at host:port (e.g. 127.0.0.1:8080; loopback unless you name another address)"),
     ui_token: Optional[str] = typer.Option(None, "--ui-token", envvar="STFPM_UI_TOKEN", help="token the station asks for before a change; required for a non-loopback --ui"),
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", min=0, max=65535, help="serve live Prometheus metrics (frames per source and state, FPS, stage latency histograms) on this port"),
@@ -412,7 +415,7 @@ def run(
                       RunOptions(Path(), roi=_roi(roi), save_video=save_video, save_anomalies=save_anomalies, show=show, max_frames=max_frames,
                                  pace_fps=pace, ui=ui, ui_token=ui_token, max_batch=max_batch,
                                  metrics_port=metrics_port, metrics_host=metrics_host, area=AreaRule(min_defect_area, mm_per_pixel)),
-                      sinks=list(sink), recipe_from=list(recipe_from))
+                      sinks=list(sink), recipe_from=list(recipe_from), trigger=trigger)
     out, summary = run_session(session)
     if line_scan:
         typer.echo(f"rows {summary['rows_received']} | tiles {summary['tiles_inspected']} | rows uninspected {summary['rows_uninspected']} | "
@@ -453,6 +456,10 @@ def _run_problems(summary: dict) -> list[str]:
         out.append(f"--save-video: {summary['video_error']}")
     if summary.get("summary_in_reserved_space"):
         out.append("the disk filled up during the run; summary.json was written into the space reserved for it at the start")
+    hs = summary.get("handshake")
+    if hs and (hs.get("acks_missing") or hs.get("no_verdict")):
+        out.append(f"PLC handshake {hs['plc']}: {hs.get('acks_missing', 0)} of {hs.get('cycles', 0)} results not acknowledged by the PLC, "
+                   f"{hs.get('no_verdict', 0)} answered NG without a verdict")
     for st in summary.get("sinks", []):  # a verdict that never reached the line: a rejected part may have passed
         lost = st.get("failed", 0) + st.get("dropped", 0)
         if lost:

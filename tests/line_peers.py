@@ -153,6 +153,47 @@ class Plc:
         self._thread.join(10)
 
 
+# the coils and holding register of the handshake tests and benchmark (any five coils and a register would do)
+TRIGGER, READY, VALID, OK, ACK, SEQ = 10, 11, 12, 13, 14, 20
+
+
+class PlcProgram:
+    """What the PLC's program does, through its own Modbus server: raise the trigger when ready, read the result when
+    valid, acknowledge (or not), and time each step."""
+
+    def __init__(self, port: int):
+        from pymodbus.client import ModbusTcpClient
+
+        self.c = ModbusTcpClient("127.0.0.1", port=port, timeout=2, retries=1)
+        assert self.c.connect()
+
+    def coil(self, a):
+        return bool(self.c.read_coils(a, count=1, device_id=1).bits[0])
+
+    def wait(self, a, value, limit=5.0):
+        t0 = time.perf_counter()
+        while self.coil(a) != value:
+            if time.perf_counter() - t0 > limit:
+                raise TimeoutError(f"coil {a} did not become {value}")
+            time.sleep(0.002)
+        return time.perf_counter()
+
+    def cycle(self, acknowledge=True):
+        self.wait(READY, True)
+        t0 = time.perf_counter()
+        self.c.write_coil(TRIGGER, True, device_id=1)
+        t1 = self.wait(VALID, True)
+        ok = self.coil(OK)
+        seq = self.c.read_holding_registers(SEQ, count=1, device_id=1).registers[0]
+        self.c.write_coil(TRIGGER, False, device_id=1)
+        if acknowledge:
+            self.c.write_coil(ACK, True, device_id=1)
+        t2 = self.wait(VALID, False)
+        self.c.write_coil(ACK, False, device_id=1)
+        return {"ok": ok, "seq": seq, "trigger_to_valid_ms": (t1 - t0) * 1e3, "valid_to_released_ms": (t2 - t1) * 1e3}
+
+
+
 class Webhook:
     """A webhook target: ``mode`` 'ok' (200, records the JSON), 'error' (500) or 'hang' (answers after ``hang_s``)."""
 

@@ -48,11 +48,14 @@ class RunOptions:
     metrics_host: str = "127.0.0.1"
     area: AreaRule = field(default_factory=AreaRule)  # defect regions in mm², the inspection spec's minimum defect area
     controls: list = field(default_factory=list)  # stream.control.RecipeControl objects (not started): changeovers from MQTT / the PLC
+    trigger: Any = None  # stream.handshake.PlcHandshake (not started): one frame per PLC trigger, the verdict answered to the PLC
 
     def check_sources(self, n: int) -> None:
         """Refuse the outputs that take one source when a run has ``n`` > 1."""
         if n > 1 and (self.save_video or self.show):
             raise StfpmError("--save-video and --show take one source; with several, every record and anomaly picture names its source")
+        if n > 1 and self.trigger is not None:
+            raise StfpmError("--trigger serves one camera: one PLC handshake per run")
 
     def outputs(self, stop: threading.Event) -> list[Output]:
         """The picture outputs these options ask for (the JSONL record is always written)."""
@@ -173,6 +176,8 @@ class StreamRun:
             self.close_sources()
             raise
         opts.out_dir.mkdir(parents=True, exist_ok=True)
+        if opts.trigger is not None:  # a frame per PLC trigger
+            sources = self.sources = [opts.trigger.gate(sources[0], stop, [])]
         self.names = [src.describe() for src in sources]
         self.per_source, self.events = [Counters() for _ in sources], []
         if self.multi:
@@ -214,6 +219,15 @@ class StreamRun:
             if self.inspector.error is not None:  # the engine did not open (missing file, metadata that does not fit): before any frame
                 self.inspector.join()
                 raise self.inspector.error
+            if opts.trigger is not None:  # the PLC must answer before any frame: a clear error, not a wait
+                opts.trigger.events = self.events
+                try:
+                    opts.trigger.start()
+                except BaseException:
+                    for handover in self.handovers:
+                        handover.put(END)
+                    self._stop_inspector()
+                    raise
             try:  # the one file an operator opens first: its space is taken now, so that a full disk later cannot keep it from being written
                 self.summary_file.reserve({"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sources": self.names,
                                            "note": "the run has not finished; frames.jsonl holds every frame's record so far"})
@@ -221,6 +235,8 @@ class StreamRun:
                 for handover in self.handovers:  # no capture has started and none will feed inference: end its input
                     handover.put(END)
                 self._stop_inspector()
+                if opts.trigger is not None:
+                    opts.trigger.close()
                 raise
         except BaseException:
             self.close_sources()
@@ -232,6 +248,7 @@ class StreamRun:
             print(f"metrics: http://{opts.metrics_host}:{self.live.port}/metrics", flush=True)
         for control in opts.controls:
             control.start(self.inspector, self.events)
+
         for sink in opts.sinks:
             if not self.multi:
                 sink.context.setdefault("source", self.names[0])
@@ -244,7 +261,7 @@ class StreamRun:
             capture.start()
         self.notifier.ready()
         # the station after the anomaly files it shows
-        outputs = opts.outputs(self.stop) + list(opts.sinks) + [o for o in (self.live, self.station) if o is not None]
+        outputs = opts.outputs(self.stop) + list(opts.sinks) + [o for o in (opts.trigger, self.live, self.station) if o is not None]
         self.stage = OutputStage(JsonlWriter(opts.out_dir / "frames.jsonl"), outputs, self.per_source, self.events, self.inspector, opts.roi,
                                  self.names if self.multi else None)
 
@@ -278,6 +295,8 @@ class StreamRun:
         for capture in self.captures:
             capture.join()
         self.t_end = time.perf_counter()  # inspection is over: what follows (draining sinks, closing files) is not in the FPS
+        if self.opts.trigger is not None:  # the last cycle's answer and acknowledgement, and their events, before the records close
+            self.opts.trigger.close()
         writer = self.stage.writer
         while self.events:
             writer.write(self.events.pop(0))
@@ -328,6 +347,8 @@ class StreamRun:
             summary["drift"] = watches[0].status() if not self.multi else {n: c.drift.status() for n, c in zip(self.names, self.per_source) if c.drift}
         if opts.sinks:
             summary["sinks"] = [s.stats() for s in opts.sinks]
+        if opts.trigger is not None:
+            summary["handshake"] = opts.trigger.stats()
         if self.station is not None:
             summary["ui"] = {"url": self.station.url, "threshold_changes": self.station.changes}
         if self.live is not None:

@@ -62,6 +62,7 @@ class Session:
     area: RunOptions | None = None  # area-scan options (out_dir is filled in)
     sinks: list[str] = field(default_factory=list)  # --sink URLs: verdicts to MQTT, a Modbus coil, webhooks
     recipe_from: list[str] = field(default_factory=list)  # --recipe-from URLs: changeovers from MQTT or a PLC register
+    trigger: str | None = None  # --trigger URL: the PLC handshake (a frame per trigger, the verdict answered)
 
 
 def default_out() -> Path:
@@ -86,6 +87,12 @@ def run_session(s: Session, progress: bool = True) -> tuple[Path, dict[str, Any]
     if s.recipe_from and s.line_scan is not None:
         raise StfpmError("--recipe-from: a line-scan run has one model")
     area.controls = [make_control(url) for url in s.recipe_from]
+    if s.trigger is not None:
+        if s.line_scan is not None:
+            raise StfpmError("--trigger inspects a frame per trigger; a line-scan web is inspected as it passes")
+        from .handshake import PlcHandshake
+
+        area.trigger = PlcHandshake(s.trigger)
     for sink in sinks:  # what every message and the MQTT status say the verdicts come from
         sink.context["model"] = mask_secrets(", ".join(str(m) if n is None else f"{n}={m}" for n, m in recipes.items()))
     if area.ui and s.line_scan is not None:
