@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import cv2
 import pytest
 
 from stfpm_edge.errors import StfpmError
@@ -114,6 +115,13 @@ def test_station_http_counts_previews_applies_and_guards(tmp_path):
         for bad in ("/anomalies/..%2Fframes.jsonl", "/anomalies/../frames.jsonl", "/anomalies/x.txt"):
             with pytest.raises(urllib.error.HTTPError):
                 run.get(bad)
+        flagged = run.get("/api/state")["gallery"][0]
+        code, marked = run.post("/api/feedback", json.dumps({"frame": flagged["frame"], "source": 0, "label": "defect"}).encode(),
+                                {"Content-Type": "application/json"})
+        assert code == 200 and marked["file"] == f"feedback/defect/{flagged['frame']:06d}.png"
+        assert run.post("/api/feedback", b'{"frame": 100000, "label": "good"}', {"Content-Type": "application/json"})[0] == 404
+        assert run.post("/api/feedback", json.dumps({"frame": flagged["frame"], "label": "maybe"}).encode(), {"Content-Type": "application/json"})[0] == 400
+        assert run.post("/api/feedback", b'frame=1', {"Content-Type": "application/x-www-form-urlencoded"})[0] == 415
         code, event = run.post("/api/threshold", b'{"value": 2.0}', {"Content-Type": "application/json"})
         assert code == 200 and event["old"] == 0.5 and event["new"] == 2.0
     recs = _records(run.out)
@@ -155,6 +163,9 @@ def test_operator_station_in_a_real_browser(tmp_path):
             page.wait_for_function("document.querySelectorAll('#big img').length === 2", timeout=5_000)
             page.screenshot(path=str(tmp_path / "station.png"))
             page.click("#big")
+            # the operator's word on a flagged frame: its pixels and record to feedback/good/
+            page.click("#gallery figure .fb button[data-label=good]")
+            page.wait_for_function("[...document.querySelectorAll('#gallery .fb')].some(b => b.textContent === 'marked good')", timeout=5_000)
             # the operating curve: the model's good images against the threshold, the current one marked
             page.wait_for_selector("#opcurve polyline", timeout=5_000)
             assert len(page.get_attribute("#opcurve polyline", "points").split()) == 120
@@ -175,6 +186,11 @@ def test_operator_station_in_a_real_browser(tmp_path):
     assert len(changes) == 1 and changes[0]["new"] == 2.0 and changes[0]["by"].startswith("ui 127.0.0.1")
     assert all(r["verdict"] == "good" for r in recs[recs.index(changes[0]):] if r.get("status") == "inspected")
     assert (tmp_path / "station.png").stat().st_size > 10_000
+    marked = [r for r in recs if r.get("event") == "feedback"]
+    assert len(marked) == 1 and marked[0]["label"] == "good" and run.summary["ui"]["feedback"][0]["frame"] == marked[0]["frame"]
+    png = cv2.imread(str(run.out / marked[0]["file"]))
+    kept = json.loads((run.out / marked[0]["file"]).with_suffix(".json").read_text())
+    assert png.shape == (96, 128, 3) and kept["frame"] == marked[0]["frame"] and kept["verdict"] == "anomalous"
 
 
 def test_several_sources_get_a_tile_each(tmp_path):

@@ -350,7 +350,8 @@ class StreamRun:
         if opts.trigger is not None:
             summary["handshake"] = opts.trigger.stats()
         if self.station is not None:
-            summary["ui"] = {"url": self.station.url, "threshold_changes": self.station.changes}
+            summary["ui"] = {"url": self.station.url, "threshold_changes": [c for c in self.station.changes if c["event"] == "threshold_changed"],
+                             "feedback": self.station.feedback}
         if self.live is not None:
             summary["metrics"] = f"http://{opts.metrics_host}:{self.live.port}/metrics"
         if self.inspector.error is not None:

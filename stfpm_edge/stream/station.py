@@ -32,12 +32,15 @@ from ..errors import StfpmError
 from ..scoring import ANOMALOUS
 from ..timing import percentiles
 from .counters import merged
-from .outputs import Output, anomaly_stem
+from .inspection import crop
+from .outputs import Output, anomaly_stem, frame_record
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 STREAM_FPS = 10.0  # frames per second sent to viewers (encoded only while someone watches)
 STREAM_WIDTH = 960  # the streamed picture is scaled down to at most this width
 GALLERY = 24
+FEEDBACK_LABELS = {"good": "good", "defect": "defect"}  # the operator's word -> the folder under feedback/
+RAW_BYTES = 256 << 20  # the latest anomalous frames' pixels kept for feedback, at most this many bytes (the oldest go first)
 PICTURE_SUFFIXES = (".jpg", ".png")
 
 
@@ -86,6 +89,8 @@ class Station(Output):
         self.viewers = 0
         self.recent_scores: deque = deque(maxlen=1000)
         self.gallery: deque = deque(maxlen=GALLERY)
+        self._raw: dict = {}  # (source, frame) -> (the pixels the model judged, the frame's record): for the operator's feedback
+        self.feedback: list[dict] = []
         self.changes: list[dict] = []
         self.drift_notes: dict[str, str | None] = {}  # source -> what drifted (None once cleared)
         self._fps_marks = [(time.perf_counter(), 0)] * len(per_source)
@@ -99,9 +104,10 @@ class Station(Output):
         r = insp.result
         self.recent_scores.append(r.score)
         if r.verdict == ANOMALOUS:
+            self._keep_raw((insp.source, insp.frame.index), crop(insp.frame.image, picture.roi), frame_record(insp))
             stem = anomaly_stem(insp)
             files = {kind: f"anomalies/{stem}_{kind}{suffix}" for kind, suffix in (("overlay", ".jpg"), ("heatmap", ".png"))}
-            self.gallery.appendleft({"frame": insp.frame.index, "source": self.names[insp.source], "score": r.score,
+            self.gallery.appendleft({"frame": insp.frame.index, "source": self.names[insp.source], "source_index": insp.source, "score": r.score,
                                      "normalized_score": r.normalized_score, "time": time.time(),
                                      **{k: v for k, v in files.items() if (self.run_dir / v).is_file()}})
         now, src = time.perf_counter(), insp.source
@@ -114,6 +120,37 @@ class Station(Output):
                 with self._lock:
                     self._frames[src] = (buf.tobytes(), self._frames.get(src, (b"", 0))[1] + 1)
             self._last_encode[src] = now
+
+    def _keep_raw(self, key, pixels: np.ndarray, record: dict) -> None:
+        with self._lock:
+            self._raw[key] = (pixels, record)
+            while len(self._raw) > GALLERY or (len(self._raw) > 1 and sum(v[0].nbytes for v in self._raw.values()) > RAW_BYTES):
+                self._raw.pop(next(iter(self._raw)))
+
+    def mark(self, frame: int, source: int, label: str, who: str) -> dict[str, Any]:
+        """The operator's word on a flagged frame: its pixels (what the model judged: the ROI) and record to
+        ``feedback/good/`` (a false call: for ``stfpm-edge update --add-good``) or ``feedback/defect/`` (confirmed: for evaluation)."""
+        from ..fileio import atomic_write_bytes, atomic_write_json
+
+        if label not in FEEDBACK_LABELS:
+            return {"error": f"label must be one of {', '.join(FEEDBACK_LABELS)}"}
+        with self._lock:
+            kept = self._raw.get((source, frame))
+        if kept is None:
+            return {"error": f"frame {frame} is not among the latest flagged frames kept ({GALLERY})"}
+        pixels, record = kept
+        stem = f"{frame:06d}" if len(self.names) <= 1 else f"s{source}-{frame:06d}"
+        folder = self.run_dir / "feedback" / FEEDBACK_LABELS[label]
+        ok, png = cv2.imencode(".png", pixels)
+        if not ok:
+            return {"error": "the frame could not be encoded"}
+        atomic_write_bytes(folder / f"{stem}.png", png.tobytes())
+        event = {"event": "feedback", "frame": frame, "source": self.names[source] if self.names else None, "label": label, "by": who,
+                 "time": time.time(), "file": str(Path("feedback") / FEEDBACK_LABELS[label] / f"{stem}.png")}
+        atomic_write_json(folder / f"{stem}.json", {**record, "feedback": event})
+        self.feedback.append(event)
+        self.events.append(event)
+        return event
 
     def event(self, record: dict) -> None:
         if record.get("event") == "drift":  # the banner's text, per source
@@ -244,6 +281,17 @@ class Station(Output):
                 return JSONResponse({"error": "value must be a finite number"}, status_code=400)
             return JSONResponse(self.apply(v, _who(request)))
 
+        async def feedback(request: Request):
+            body, refused = await _posted(request, self.token, "feedback")
+            if refused is not None:
+                return refused
+            try:
+                frame, source = int(body.get("frame")), int(body.get("source", 0))
+            except (TypeError, ValueError):
+                return JSONResponse({"error": "frame (and source) must be numbers"}, status_code=400)
+            result = self.mark(frame, source, str(body.get("label")), _who(request))
+            return JSONResponse(result, status_code=200 if "error" not in result else 404 if "not among" in result["error"] else 400)
+
         async def recipe(request: Request):
             body, refused = await _posted(request, self.token, "recipe")
             if refused is not None:
@@ -285,7 +333,8 @@ class Station(Output):
             return FileResponse(path, headers={"Cache-Control": "no-store"})
 
         routes = [Route("/", page), Route("/api/state", state), Route("/api/threshold/preview", preview), Route("/api/operating", operating),
-                  Route("/api/threshold", change, methods=["POST"]), Route("/api/recipe", recipe, methods=["POST"]), Route("/stream.mjpg", stream),
+                  Route("/api/threshold", change, methods=["POST"]), Route("/api/recipe", recipe, methods=["POST"]),
+                  Route("/api/feedback", feedback, methods=["POST"]), Route("/stream.mjpg", stream),
                   Route("/anomalies/{name}", files)]
         hosts = list(LOOPBACK_NAMES) if self.loopback else ["*"]
         return Starlette(routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)])
@@ -370,7 +419,7 @@ PAGE = """<!doctype html>
  table{border-collapse:collapse;width:100%} td{padding:3px 6px;border-bottom:1px solid #2a2a2a} td.v{text-align:right;font-variant-numeric:tabular-nums}
  #gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(110px,1fr));gap:6px;margin-top:8px;max-height:calc(100vh - 470px);min-height:130px;overflow-y:auto}
  #gallery figure{margin:0;cursor:pointer} #gallery img{width:100%;display:block;border:2px solid #c33}
- #gallery figcaption{font-size:12px;color:#bbb}
+ #gallery figcaption{font-size:12px;color:#bbb} .fb{font-size:11px;color:#8c8} .fb button{font-size:11px;padding:1px 4px;margin:1px}
  #big{position:fixed;inset:0;background:rgba(0,0,0,.9);display:none;align-items:center;justify-content:center;gap:10px}
  #big img{max-width:48vw;max-height:90vh}
  input[type=number]{width:110px} button{padding:4px 10px} #preview{font-size:13px;color:#ccc;margin-top:6px;min-height:3em}
@@ -440,7 +489,14 @@ async function refresh() {
         const f = document.createElement('figure');
         const img = document.createElement('img'); img.src = '/' + g.overlay; img.alt = 'frame ' + g.frame; img.loading = 'lazy';
         const c = document.createElement('figcaption'); c.textContent = (s.sources.length > 1 ? g.source + ' ' : '') + `#${g.frame} score ${fmt(g.score)}`;
-        f.append(img, c); f.dataset.overlay = g.overlay; f.dataset.heatmap = g.heatmap || '';
+        const bar = document.createElement('div'); bar.className = 'fb';
+        for (const [label, text] of [['good', 'good (false call)'], ['defect', 'defect']]) {
+          const b = document.createElement('button'); b.textContent = text; b.dataset.label = label;
+          b.onclick = async ev => { ev.stopPropagation();
+            const r = await fetch('/api/feedback', {method: 'POST', headers: jsonHeaders(), body: JSON.stringify({frame: g.frame, source: g.source_index, label})});
+            const e = await r.json(); bar.textContent = r.ok ? `marked ${label}` : e.error; };
+          bar.append(b); }
+        f.append(img, c, bar); f.dataset.overlay = g.overlay; f.dataset.heatmap = g.heatmap || '';
         f.onclick = () => enlarge(f.dataset.overlay, f.dataset.heatmap); return f; }));
     }
   } catch (e) { $('status').textContent = 'no connection'; }
