@@ -80,7 +80,7 @@ def build_pools(data: str, copies: int, seed: int):
     model = STFPM.build(cfg.backbone, post=MapPost())
     search, sizes = memory_search(cfg, list(model.teacher.feature_info.reduction()))
     t0 = time.perf_counter()
-    pools = memory_pools(model, images, search, cfg.batch_size, torch.Generator().manual_seed(seed))
+    pools, _ = memory_pools(model, images, search, cfg.batch_size, torch.Generator().manual_seed(seed))
     return [torch.cat(p) for p in pools], sizes, len(images), time.perf_counter() - t0
 
 

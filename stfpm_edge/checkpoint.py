@@ -15,7 +15,7 @@ import torch
 from . import __version__
 from .errors import ModelFileError, StfpmError
 from .fileio import atomic_write_bytes
-from .model import STANDARDISED_LEVELS, STFPM, FeatureNorm, MapPost, MemoryBank, MemorySearch, create_student
+from .model import STANDARDISED_LEVELS, STFPM, FeatureNorm, MapPost, MemoryBank, MemorySearch, WholePart, create_student
 from .retired import removed_settings_on
 
 FORMAT = "stfpm-edge/checkpoint/1"
@@ -80,9 +80,14 @@ def load_checkpoint(path: str | Path) -> tuple[STFPM, dict[str, Any]]:
         teacher.load_state_dict(payload["teacher"])
         if "memory" in payload:  # --reference memory: the teacher's good features instead of a student
             banks = payload["memory"]
-            if not all(isinstance(banks.get(f"bank{k}"), torch.Tensor) for k in range(len(banks))):
+            levels = sum(1 for k in banks if k.startswith("bank"))
+            if not levels or not all(isinstance(banks.get(f"bank{k}"), torch.Tensor) for k in range(levels)):
                 raise RuntimeError("memory bank levels missing")
-            student = MemoryBank([banks[f"bank{k}"] for k in range(len(banks))], MemorySearch.from_dict(meta.get("memory_search")))
+            whole = None
+            if isinstance(banks.get("whole.rows"), torch.Tensor):  # the whole-part term (models from before it have none)
+                w = meta.get("memory_whole") or {}
+                whole = WholePart(banks["whole.rows"], w.get("level", -1), w.get("offset", 0.0), w.get("gain", 0.0))
+            student = MemoryBank([banks[f"bank{k}"] for k in range(levels)], MemorySearch.from_dict(meta.get("memory_search")), whole)
             if [b.shape[1] for b in student.banks()] != list(teacher.feature_info.channels()):
                 raise RuntimeError(f"bank widths {[b.shape[1] for b in student.banks()]} differ from the teacher's levels")
         else:

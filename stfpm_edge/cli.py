@@ -83,7 +83,7 @@ def _print_metrics(m: dict) -> None:
 
 @command(help="Learn the good images (a memory of the teacher's features, or a student network), set the threshold, evaluate. "
                 "Every setting, including those without a flag here (momentum, weight_decay, select, amp, cache_teacher, hard_fraction, "
-                "memory_aggregate), can be given in a --config YAML file; see configs/ and docs/training.md.")
+                "memory_aggregate, whole_weight), can be given in a --config YAML file; see configs/ and docs/training.md.")
 def train(
     data: Optional[Path] = typer.Option(None, "--data", help="data set folder: MVTec AD layout (train/good, test/, ground_truth/) or good/ + <defect>/ + masks/"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of the options below (flags override it); see configs/"),

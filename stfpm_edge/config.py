@@ -54,6 +54,9 @@ class TrainConfig:
     # stride 16, 1 for the others (strides 4, 8, 16 are searched at 8, 16, 16: docs/results/record.md "Memory at camera rate"); 1 = none
     memory_pool: str = "auto"
     memory_aggregate: int = 1  # memory: each feature the mean of its a x a neighbourhood first (PatchCore; 1 = none)
+    # memory: weight of the whole-part term (model.WholePart: the image's coarse layout against the good images', counted only
+    # beyond good variation; catches a missing or turned part) in the image score; 0 = positions only. docs/results/record.md "The whole part"
+    whole_weight: float = 1.0
     # the share of good parts the line may reject; the threshold is set for it from out-of-fold good scores (thresholds.py)
     false_call_rate: float = 0.01
     threshold_rule: str = "tail"  # tail (generalised Pareto fit of the top good scores) or quantile (empirical)
@@ -199,6 +202,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         parse_counts("memory_pool", cfg.memory_pool)
     if cfg.memory_aggregate < 1 or cfg.memory_aggregate % 2 == 0:
         raise StfpmError(f"config: memory_aggregate must be an odd number (1, 3, 5), got {cfg.memory_aggregate}")
+    if not 0.0 <= cfg.whole_weight <= 100.0:
+        raise StfpmError(f"config: whole_weight must be in [0, 100] (0 = no whole-part term), got {cfg.whole_weight}")
     if not 0.0 <= cfg.hard_fraction < 1.0:
         raise StfpmError(f"config: hard_fraction must be in [0, 1), got {cfg.hard_fraction}")
     for name, allowed in (("augment", AUGMENTS), ("amp", AMP_MODES), ("select", ("best", "last")), ("reference", REFERENCES),

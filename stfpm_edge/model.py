@@ -209,6 +209,57 @@ def channel_stats(batches: Iterable[Sequence[torch.Tensor]]) -> tuple[list[torch
     return means, stds
 
 
+class WholePart(nn.Module):
+    """The whole part at a glance: is the image, as a layout, like some good image? (a missing or turned part)
+
+    Each image is described by its deepest teacher level averaged over a coarse grid (``GRID`` x ``GRID``
+    cells; a size not divisible gives ragged edge cells, the mean of what they cover), each cell's
+    feature unit-length, so that ``1 - q . r`` is the mean over cells of ``1 - cos``. ``rows``: one
+    description per good training image. An image's distance is to its nearest row. Only what lies
+    beyond good variation counts: ``excess = gain * relu(distance - offset)``, with ``offset`` the 90th
+    percentile of the good images' distances to their nearest other good image and ``gain`` the median
+    good patch score over the spread of those distances (their 99th percentile minus their median),
+    times ``weight`` (train: ``whole_weight``) — set at training from good images only
+    (``train.calibrate_whole``). The excess is added to the map's image score; the map itself is
+    unchanged. On parts that vary in layout (a screw in any rotation) good images are far from each
+    other, the offset is large and the term stays silent.
+    """
+
+    GRID = 4
+
+    def __init__(self, rows: torch.Tensor, level: int, offset: float = 0.0, gain: float = 0.0):
+        super().__init__()
+        self.register_buffer("rows", rows.float().contiguous())
+        self.level, self.offset, self.gain = int(level), float(offset), float(gain)
+
+    @classmethod
+    def describe(cls, t: torch.Tensor) -> torch.Tensor:
+        """Teacher level [N, C, h, w] -> unit descriptions [N, C * cells]."""
+        t = t.float()
+        h, w = int(t.shape[-2]), int(t.shape[-1])  # int(): the model size is fixed, constants at export
+        kh, kw = -(-h // cls.GRID), -(-w // cls.GRID)
+        ragged = h % kh != 0 or w % kw != 0
+        cells = F.normalize(F.avg_pool2d(t, (kh, kw), stride=(kh, kw), ceil_mode=ragged, count_include_pad=False), dim=1)
+        n_cells = int(cells.shape[-2]) * int(cells.shape[-1])
+        return cells.flatten(1) / math.sqrt(n_cells)
+
+    def distance(self, t_feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        q = self.describe(t_feats[self.level])
+        return (1.0 - (q @ self.rows.T).amax(dim=1)).clamp_min(0.0)
+
+    def excess(self, t_feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.gain * (self.distance(t_feats) - self.offset).clamp_min(0.0)
+
+    def others_distances(self) -> torch.Tensor:
+        """Each row's distance to its nearest other row: the good images' out-of-fold distances."""
+        sim = self.rows @ self.rows.T
+        sim.fill_diagonal_(-1.0)
+        return (1.0 - sim.amax(dim=1)).clamp_min(0.0)
+
+    def to_dict(self) -> dict:
+        return {"level": self.level, "grid": self.GRID, "offset": self.offset, "gain": self.gain, "rows": int(self.rows.shape[0])}
+
+
 class MemoryBank(nn.Module):
     """The reference a student would learn, kept instead as the teacher's own features of good images.
 
@@ -223,12 +274,13 @@ class MemoryBank(nn.Module):
     # issue 18) went to memory and back: the 32k graph took 1.6x as long on ONNX Runtime (docs/results/memory-speed.md)
     BLOCK = 1 << 19
 
-    def __init__(self, banks: Sequence[torch.Tensor], search: MemorySearch | None = None):
+    def __init__(self, banks: Sequence[torch.Tensor], search: MemorySearch | None = None, whole: WholePart | None = None):
         super().__init__()
         self.levels = len(banks)
         self.search = search or MemorySearch()
         for k, b in enumerate(banks):
             self.register_buffer(f"bank{k}", b.float().contiguous())
+        self.whole = whole  # the whole-part term (None: positions only)
 
     def banks(self) -> list[torch.Tensor]:
         return [getattr(self, f"bank{k}") for k in range(self.levels)]
@@ -498,10 +550,13 @@ class STFPM(nn.Module):
         # upsample, product) always runs in FP32, where squared sums cannot overflow.
         dtype = next(self.teacher.parameters()).dtype
         x_in = x if dtype == torch.float32 else x.to(dtype)
+        whole = None
         if isinstance(self.student, MemoryBank):  # the nearest good feature in the student's place (FP32 bank)
             with torch.no_grad():
                 t = [f.float() for f in self.teacher(x_in)]
             amap = combine_levels(self.student.distances(t), (x.shape[-2], x.shape[-1]), self.post.level_weights)
+            if self.student.whole is not None and self.student.whole.gain > 0:
+                whole = self.student.whole.excess(t)
         else:
             t, s = self.features(x_in)
             if dtype != torch.float32:
@@ -509,7 +564,8 @@ class STFPM(nn.Module):
             amap = anomaly_map(t, s, (x.shape[-2], x.shape[-1]), self.metric, self.post.level_weights)
         if self.blur_kernel.numel():
             amap = blur_map(amap, self.blur_kernel)
-        return amap, image_score(amap, self.post.topk(x.shape[-2], x.shape[-1]))
+        score = image_score(amap, self.post.topk(x.shape[-2], x.shape[-1]))
+        return amap, score if whole is None else score + whole
 
 
 def create_student(name: str, layers: Sequence[int] | None, teacher: nn.Module) -> nn.Module:

@@ -23,7 +23,7 @@ from .errors import StfpmError
 from .evaluate import evaluate, predict, write_outputs
 from .fileio import atomic_write_json, sha256_file
 from .geometry import Geometry, auto_size, decode_image
-from .model import STANDARDISED_LEVELS, STFPM, FeatureNorm, MapPost, MemoryBank, MemorySearch, channel_stats, check_level_count, coreset_levels, memory_rows, stfpm_loss
+from .model import STANDARDISED_LEVELS, STFPM, FeatureNorm, MapPost, MemoryBank, MemorySearch, WholePart, channel_stats, check_level_count, coreset_levels, memory_rows, stfpm_loss
 from .store import TrainingStore
 from .thresholds import fit_threshold, normal_statistics, refit_threshold
 
@@ -346,18 +346,21 @@ def memory_search(cfg: TrainConfig, strides: list[int]) -> tuple[MemorySearch, l
 
 
 def memory_pools(model: STFPM, images: np.ndarray, search: MemorySearch, batch_size: int, generator: torch.Generator,
-                 progress: bool = False) -> list[list[torch.Tensor]]:
+                 progress: bool = False) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
     """Per level, the candidate rows of a memory (CPU chunks, one per image, in the images' order): positions drawn evenly
-    from every image, at most POOL_PER_LEVEL per level in all (memory stays bounded however many images there are)."""
+    from every image, at most POOL_PER_LEVEL per level in all (memory stays bounded however many images there are); and
+    every image's whole-part description (``WholePart.describe`` of the deepest level), from the same teacher pass."""
     from tqdm import tqdm
 
     device = next(model.parameters()).device
     n = len(images)
     pools: list[list[torch.Tensor]] = [[] for _ in model.teacher.feature_info.reduction()]
+    described = []
     model.eval()
     with torch.inference_mode():
         for idx in tqdm(_batches(n, batch_size, None), desc="teacher features", unit="batch", disable=not progress):
             feats = model.teacher(model.normalize(torch.from_numpy(images[idx.numpy()]).to(device)))
+            described.append(WholePart.describe(feats[-1]).cpu())
             for k, f in enumerate(memory_rows(feats, search)):
                 b, h, w, c = f.shape
                 rows = f.reshape(b, h * w, c)
@@ -365,7 +368,7 @@ def memory_pools(model: STFPM, images: np.ndarray, search: MemorySearch, batch_s
                 for r in rows:
                     pick = torch.randperm(h * w, generator=generator)[:keep] if keep < h * w else slice(None)
                     pools[k].append(r[pick].cpu())
-    return pools
+    return pools, torch.cat(described)
 
 
 def _fit_memory(p: Prepared, progress: bool) -> dict[str, Any]:
@@ -385,7 +388,7 @@ def _fit_memory(p: Prepared, progress: bool) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
     t0 = time.perf_counter()
-    pools = memory_pools(model, p.train_imgs, search, cfg.batch_size, generator, progress)
+    pools, described = memory_pools(model, p.train_imgs, search, cfg.batch_size, generator, progress)
     t_select = time.perf_counter()
     joined = [torch.cat(chunks).to(device) for chunks in pools]  # the selection runs where the teacher ran (seconds on a GPU)
     rows = [min(size, len(pool)) for size, pool in zip(sizes, joined)]
@@ -399,12 +402,29 @@ def _fit_memory(p: Prepared, progress: bool) -> dict[str, Any]:
         image_of_row = torch.repeat_interleave(torch.arange(len(chunks)), torch.tensor([len(c) for c in chunks]))
         banks.append(pool[pick.to(device)].cpu())
         owners.append(image_of_row[pick])
-    model.student = MemoryBank(banks, search).to(device)
+    # the whole-part term: every bank image's description; its offset and gain are set from good scores (calibrate_whole)
+    whole = WholePart(described, len(banks) - 1) if cfg.whole_weight > 0 else None
+    model.student = MemoryBank(banks, search, whole).to(device)
     model.eval()
     seconds = time.perf_counter() - t0
     return {"epochs": 0, "best_epoch": 0, "best_val_loss": None, "history": [], "seconds_per_epoch": None, "row_owners": owners,
             "memory": {"rows_per_level": [len(b) for b in banks], "pool_per_level": [sum(len(c) for c in ch) for ch in pools],
                        "search": search.to_dict(), "seconds": seconds, "coreset_seconds": select_seconds}}
+
+
+# the share of good images whose nearest other good image is nearer than the whole-part term's offset: beyond it the term speaks
+WHOLE_OFFSET_QUANTILE = 0.9
+
+
+def calibrate_whole(whole: WholePart, good_scores: np.ndarray, weight: float) -> None:
+    """Set the whole-part term from good images only: ``offset`` = the WHOLE_OFFSET_QUANTILE of the bank images' distances to
+    their nearest other bank image; ``gain`` = ``weight`` x the median good map score / the spread of those distances (their
+    99th percentile minus their median), so that one spread beyond the offset weighs as much as a typical good image's score.
+    Chosen on bottle, screw and transistor over three seeds each (docs/results/record.md "The whole part")."""
+    d = whole.others_distances().cpu().double().numpy()
+    spread = max(float(np.quantile(d, 0.99) - np.median(d)), 1e-6)
+    whole.offset = float(np.quantile(d, WHOLE_OFFSET_QUANTILE))
+    whole.gain = float(weight * np.median(good_scores) / spread)
 
 
 # most bank images scored with their own rows left out (a seeded draw beyond): a tail fit needs hundreds of good scores, not
@@ -426,7 +446,10 @@ def own_rows_left_out_scores(model: STFPM, images: np.ndarray, owners: list[torc
     try:
         with torch.inference_mode():
             for k, i in enumerate(tqdm(chosen, desc="out-of-fold scores", unit="image", disable=not progress)):
-                model.student = MemoryBank([b[o.to(b.device) != i] for b, o in zip(banks, owners)], full.search)
+                whole = full.whole
+                if whole is not None:  # its own description left out too (row i: the bank's images in order)
+                    whole = WholePart(torch.cat([whole.rows[:i], whole.rows[i + 1 :]]), whole.level, whole.offset, whole.gain)
+                model.student = MemoryBank([b[o.to(b.device) != i] for b, o in zip(banks, owners)], full.search, whole)
                 scores[k] = float(model(torch.from_numpy(images[i : i + 1]).to(banks[0].device))[1][0])
     finally:
         model.student = full
@@ -440,6 +463,10 @@ def _finish(p: Prepared, training: dict[str, Any], progress: bool) -> tuple[Path
     cfg, model, run_dir, geometry, dataset = p.cfg, p.model, p.run_dir, p.geometry, p.dataset
     train_s, val_s, calib_s = p.splits
     infer = TorchEngine.from_model(model, {"geometry": geometry.to_dict()}).infer
+    whole = model.student.whole if isinstance(model.student, MemoryBank) else None
+    if whole is not None:  # its offset and gain, from the held-out good images' map scores (the term is silent until set)
+        held_out = np.concatenate([p.calib_imgs, p.val_imgs]) if calib_s else p.calib_imgs  # (no calibration split: calib_imgs is validation's)
+        calibrate_whole(whole, predict(infer, held_out)[1], cfg.whole_weight)
     # out-of-fold good scores: images the reference did not learn. A student: its calibration and validation splits (the
     # validation split chose the epoch by loss, not by score); a memory: both splits, and every bank image scored with its
     # own rows left out of the search
@@ -466,6 +493,7 @@ def _finish(p: Prepared, training: dict[str, Any], progress: bool) -> tuple[Path
         "map_post": model.post.to_dict(),
         "feature_norm": cfg.feature_norm,
         **({"memory_search": model.student.search.to_dict()} if cfg.reference == "memory" else {}),
+        **({"memory_whole": whole.to_dict()} if whole is not None else {}),
         "geometry": geometry.to_dict(),
         "input": {"dtype": "uint8", "layout": "NHWC", "colour_order": "BGR"},
         "normalization": {"colour_order": "RGB", "mean": list(spec(cfg.backbone).mean), "std": list(spec(cfg.backbone).std)},
@@ -516,14 +544,19 @@ def add_good_images(checkpoint: Path, folders: list[Path], out: Path, progress: 
     geometry = Geometry(**meta["geometry"])
     images, _ = load_images([Sample(p, 0) for p in paths], geometry, progress, "good images")
     _, before = predict(TorchEngine.from_model(model, meta).infer, images)  # out-of-fold: they are not in the memory yet
-    search = model.student.search
+    search, whole = model.student.search, model.student.whole
     added = [[] for _ in model.student.banks()]
+    described = []
     with torch.inference_mode():
         for i in range(0, len(images), 16):
             feats = model.teacher(model.normalize(torch.from_numpy(images[i : i + 16])))
+            described.append(WholePart.describe(feats[-1]))
             for k, rows in enumerate(memory_rows(feats, search)):
                 added[k].append(rows.reshape(-1, rows.shape[-1]))
-    model.student = MemoryBank([torch.cat([bank, *rows]) for bank, rows in zip(model.student.banks(), added)], search)
+    if whole is not None:  # their layouts join the whole-part term's good images (its offset and gain stay)
+        whole = WholePart(torch.cat([whole.rows, *described]), whole.level, whole.offset, whole.gain)
+        meta["memory_whole"] = whole.to_dict()
+    model.student = MemoryBank([torch.cat([bank, *rows]) for bank, rows in zip(model.student.banks(), added)], search, whole)
     old = meta["threshold"]
     stats = meta.get("normal_stats") or {}
     good = np.concatenate([np.asarray(stats.get("heldout_scores") or [], dtype=np.float64), before.astype(np.float64)])

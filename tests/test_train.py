@@ -372,6 +372,9 @@ def test_memory_search_options_pool_aggregate_per_level_banks_export_at_parity(s
         t = model.teacher(model.normalize(torch.zeros(1, 80, 80, 3, dtype=torch.uint8)))
         d = model.student.distances(t)
     assert [tuple(x.shape[-2:]) for x in d] == [(10, 10), (10, 10), (3, 3)]  # 20/2, 10, ceil(5/2)
+    # the whole-part term on the 5x5 deepest level: 2x2 cells with ragged edges (3x3), one description per bank image, in the graph too
+    assert meta["memory_whole"]["rows"] == meta["dataset"]["n_train"] and meta["memory_whole"]["gain"] > 0
+    assert model.student.whole.describe(t[-1]).shape == (1, t[-1].shape[1] * 9)
     assert metrics["image_auroc"] > 0.9
     result = CliRunner().invoke(app, ["export", str(run_dir / "model.pt"), "--out", str(tmp_path / "m.onnx"), "--data", str(synthetic_mvtec)])
     assert result.exit_code == 0 and "parity: OK" in result.output, result.output
@@ -382,6 +385,42 @@ def test_memory_search_options_pool_aggregate_per_level_banks_export_at_parity(s
     for bad in (dict(bank_size="0"), dict(bank_size="many"), dict(memory_aggregate=2), dict(memory_pool="1,0,1")):
         with pytest.raises(StfpmError):
             load_config(None, dict(data=str(synthetic_mvtec), **bad))
+
+
+def test_a_missing_part_is_rejected_by_the_whole_part_term_which_positions_alone_pass(tmp_path):
+    """A part on a woven background; the defect is the part missing: every position of it looks like the background the memory
+    holds. With positions only the threshold passes every missing part (the ranking is right, the scores too low); the whole-part
+    term (the default) rejects them all, with no false call on the good test parts. The verdict comes with no defect region."""
+    import cv2
+
+    from stfpm_edge.scoring import ANOMALOUS, verdict_with_area
+    from stfpm_edge.synthetic import texture
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "part"
+
+    def part(present):
+        img = texture(rng, 96, 96)
+        if present:
+            cx, cy = 48 + int(rng.integers(-2, 3)), 48 + int(rng.integers(-2, 3))
+            cv2.rectangle(img, (cx - 16, cy - 10), (cx + 16, cy + 10), (40, 60, 200), -1)
+            for k in range(3):
+                cv2.line(img, (cx - 12 + 12 * k, cy + 10), (cx - 12 + 12 * k, cy + 24), (200, 200, 200), 2)
+        return img
+
+    for sub, n, present in (("train/good", 40, True), ("test/good", 8, True), ("test/missing", 8, False)):
+        (root / sub).mkdir(parents=True)
+        for i in range(n):
+            cv2.imwrite(str(root / sub / f"{i:03d}.png"), part(present))
+    runs = {}
+    for w in (0.0, 1.0):
+        cfg = load_config(None, dict(data=str(root), out=str(tmp_path / f"w{w:g}"), height=64, width=64, threads=1, overlays=0, whole_weight=w))
+        runs[w] = train(cfg, progress=False)[1]
+    assert runs[0.0]["miss_rate"] == 1.0 and runs[0.0]["good_flagged"] == 0
+    assert runs[1.0]["miss_rate"] == 0.0 and runs[1.0]["good_flagged"] == 0
+    assert "memory_whole" not in load_checkpoint(tmp_path / "w0" / "model.pt")[1]
+    # a frame above the threshold with nothing in its map above it was judged as a whole: rejected even under a minimum area
+    assert verdict_with_area(2.0, 1.0, [], min_area=50.0, mm=False) == ANOMALOUS
 
 
 def test_the_decay_schedule_keeps_the_rate_then_falls_over_the_last_fifth_and_resumes_where_it_was():

@@ -81,7 +81,7 @@ def freeze_same_padding(model: nn.Module, example: torch.Tensor) -> int:
 
 
 def deploy_metadata(meta: dict[str, Any], checkpoint: Path, precision: str, batch: int | None) -> dict[str, Any]:
-    keep = ("backbone", "layers", "map_post", "geometry", "input", "normalization", "threshold", "normal_stats", "dataset", "config")
+    keep = ("backbone", "layers", "map_post", "geometry", "input", "normalization", "threshold", "normal_stats", "dataset", "config", "memory_whole")
     out = {k: meta[k] for k in keep if k in meta}
     out.update({
         "format": "stfpm-edge/onnx/1",
