@@ -399,12 +399,15 @@ def run(
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", min=0, max=65535, help="serve live Prometheus metrics (frames per source and state, FPS, stage latency histograms) on this port"),
     metrics_host: str = typer.Option("127.0.0.1", "--metrics-host", help="address for --metrics-port (loopback unless you name another)"),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="several sources: most frames per engine call [default: one per source; 1 = no batching]"),
+    stall_timeout: float = typer.Option(10.0, "--stall-timeout", min=0.0, help="a camera or stream that delivers no frame for this many "
+                                        "seconds without closing (frozen, stalled) is recorded as stalled and reopened like a dropped one; 0 = wait for ever"),
     pace: Optional[float] = typer.Option(None, "--pace", min=0.1, help="read a video or image folder at most this many frames per second, as a camera would deliver it"),
     mm_per_pixel: Optional[float] = typer.Option(None, "--mm-per-pixel", min=1e-6, help="size of a source pixel: defect regions in frames.jsonl get their area in mm²"),
     min_defect_area: Optional[float] = typer.Option(None, "--min-defect-area", min=0.0, help="a frame above the threshold stays good unless one defect "
                                                     "region is at least this large: mm² with --mm-per-pixel, else source pixels (an inspection spec's "
                                                     "'reject any defect over 0.3 mm²') [default: none, every frame above the threshold is rejected]"),
 ):
+    from .stream.capture import Reconnect
     from .stream.inspection import AreaRule
     from .stream.linescan import LineScanOptions
     from .stream.pipeline import RunOptions
@@ -413,7 +416,7 @@ def run(
     session = Session(model[0] if len(model) == 1 else list(model), source[0] if len(source) == 1 else list(source), out, {"threads": threads, "build_if_stale": build_if_stale, "zero_copy": zero_copy},
                       LineScanOptions(Path(), scale=scale, overlap=overlap, mm_per_row=mm_per_row) if line_scan else None,
                       RunOptions(Path(), roi=_roi(roi), save_video=save_video, save_anomalies=save_anomalies, show=show, max_frames=max_frames,
-                                 pace_fps=pace, ui=ui, ui_token=ui_token, max_batch=max_batch,
+                                 pace_fps=pace, ui=ui, ui_token=ui_token, max_batch=max_batch, reconnect=Reconnect(stall_s=stall_timeout),
                                  metrics_port=metrics_port, metrics_host=metrics_host, area=AreaRule(min_defect_area, mm_per_pixel)),
                       sinks=list(sink), recipe_from=list(recipe_from), trigger=trigger)
     out, summary = run_session(session)

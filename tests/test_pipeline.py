@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 
 import cv2
 import pytest
@@ -360,3 +361,105 @@ def test_the_systemd_unit_is_a_notify_service_with_a_watchdog_and_restarts():
     problems = [line for line in out.stderr.splitlines() if line.strip() and "stfpm-edge run" not in line
                 and "/opt/stfpm-edge" not in line and "stfpm" not in line.split(":")[-1]]
     assert not problems, out.stderr
+
+
+class FreezingCamera:
+    """A live source that delivers 15 frames, then stops sending while its connection stays open (a read that never
+    returns), until it is reopened; after the reopen it delivers 10 more frames and ends."""
+
+    live = True
+    kind = "camera"
+
+    def __init__(self):
+        import numpy as np
+
+        self.np, self.released, self.reopens, self.abandoned, self.n = np, threading.Event(), 0, 0, 0
+        self.frozen_since = None
+
+    def describe(self):
+        return "camera freezing"
+
+    def read(self):
+        from stfpm_edge.stream.sources import Frame
+
+        if self.n == 15 and self.reopens == 0:
+            self.frozen_since = time.perf_counter()
+            self.released.wait(30)  # hangs: no frame, no error, no end
+            return None
+        if self.n >= 25:
+            return None
+        i, self.n = self.n, self.n + 1
+        return Frame(i, self.np.full((48, 64, 3), 180, self.np.uint8), float(i), f"{i:06d}")
+
+    def abandon(self):
+        self.abandoned += 1
+
+    def reopen(self):
+        self.reopens += 1
+        return True
+
+    def close(self):
+        self.released.set()
+
+
+def test_a_camera_that_stops_sending_without_closing_is_noticed_and_reopened(tmp_path):
+    cam = FreezingCamera()
+    opts = RunOptions(tmp_path / "o", reconnect=Reconnect(max_attempts=2, backoff_s=0.05, stall_s=0.5))
+    t0 = time.perf_counter()
+    summary = run_stream(lambda: DarkSpotEngine(), cam, opts)
+    records = _records(tmp_path / "o")
+    stalled = [r for r in records if r.get("event") == "stalled"]
+    assert len(stalled) == 1 and stalled[0]["after_frame"] == 14 and stalled[0]["waited_s"] == 0.5
+    assert [r["event"] for r in records if r.get("event")][:2] == ["stalled", "reconnect"]
+    assert cam.abandoned == 1 and cam.reopens >= 1  # (then 2 more: the camera ends after 25 frames, tried twice more as a drop)
+    assert summary["stalls"] == 1 and summary["reconnects"] >= 1 and summary["frames_read"] == 25 and summary["accounted"]
+    assert time.perf_counter() - t0 < 10  # noticed in half a second, not the 30 s the frozen read would hang
+    cam.released.set()
+
+
+def test_a_real_http_stream_that_stalls_with_its_connection_open_is_reopened(tmp_path):
+    """An MJPEG stream over HTTP (OpenCV's FFmpeg backend reads it) sends 15 frames, then nothing while keeping the
+    connection open; the run notices within the stall time, records it, reconnects, and reads on from a new connection."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import numpy as np
+
+    hold, connections = threading.Event(), []
+
+    class Camera(BaseHTTPRequestHandler):
+        def do_GET(self):
+            connections.append(time.perf_counter())
+            self.send_response(200)
+            self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+            self.end_headers()
+            try:
+                for i in range(15 if len(connections) == 1 else 1000):
+                    jpg = cv2.imencode(".jpg", np.full((48, 64, 3), 100 + i % 100, np.uint8))[1].tobytes()
+                    self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg) + jpg + b"\r\n")
+                    self.wfile.flush()
+                    if hold.wait(0.02):
+                        return
+                hold.wait(30)  # the first connection: stalled, still open
+            except OSError:
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Camera)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        src = open_source(f"http://127.0.0.1:{server.server_address[1]}/stream.mjpg")
+        t0 = time.perf_counter()
+        summary = run_stream(lambda: DarkSpotEngine(), src, RunOptions(tmp_path / "o", max_frames=25,
+                                                                         reconnect=Reconnect(max_attempts=2, backoff_s=0.05, stall_s=1.0)))
+        took = time.perf_counter() - t0
+    finally:
+        hold.set()
+        server.shutdown()
+        server.server_close()
+    events = [r for r in _records(tmp_path / "o") if r.get("event")]
+    assert [e["event"] for e in events][:2] == ["stalled", "reconnect"] and events[0]["after_frame"] == 14
+    assert summary["stalls"] == 1 and summary["frames_read"] == 25 and summary["accounted"] and len(connections) >= 2
+    assert took < 20  # the stalled connection would have held the run for 30 s

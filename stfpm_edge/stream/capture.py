@@ -18,6 +18,51 @@ from .counters import Counters
 from .sources import Source
 
 END = object()  # the end-of-stream marker every stage passes on
+STALLED, STOPPED = object(), object()  # a live source's read that did not return within the stall time / before the run stopped
+
+
+class Reader:
+    """Reads a live source on a helper thread, so that a read that never returns is noticed. ``request`` starts a read
+    (unless one is pending), ``wait(timeout)`` gives ``("frame", frame or None)``, ``("error", exception)`` or None while
+    the read is still pending. ``abandon`` leaves a stuck read to its thread (which ends if it ever returns) and the
+    next ``request`` starts a new helper."""
+
+    def __init__(self, source: Source):
+        self.source = source
+        self._requests: queue.Queue | None = None
+        self._pending = False
+
+    def request(self) -> None:
+        if self._requests is None:
+            self._requests, self._results = queue.Queue(), queue.Queue()
+            requests, results = self._requests, self._results
+
+            def serve():
+                while requests.get() is not None:
+                    try:
+                        results.put(("frame", self.source.read()))
+                    except BaseException as exc:  # handed to the capture thread, which raises it
+                        results.put(("error", exc))
+
+            threading.Thread(target=serve, name="capture-read", daemon=True).start()
+        if not self._pending:
+            self._requests.put(True)
+            self._pending = True
+
+    def wait(self, timeout: float):
+        try:
+            result = self._results.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        self._pending = False
+        return result
+
+    def abandon(self) -> None:
+        if self._requests is not None:
+            self._requests.put(None)  # the helper ends once its read returns, if it ever does
+        self._requests, self._pending = None, False
+
+    close = abandon
 
 
 class LatestSlot:
@@ -165,6 +210,9 @@ class Reconnect:
     max_attempts: int = 5
     backoff_s: float = 0.5
     backoff_max_s: float = 8.0
+    # a live source whose read has not returned for this long has stalled (a frozen camera, a stream that stopped sending but
+    # keeps its connection): recorded, then reopened like a dropped stream. 0 = wait for ever
+    stall_s: float = 10.0
 
     def delay(self, attempt: int) -> float:
         return min(self.backoff_s * (2**attempt), self.backoff_max_s)
@@ -202,8 +250,35 @@ class Capture:
             self.handover.discard(0.05)
             self._thread.join(0.05)
 
+    def _read(self, reader: Reader | None):
+        """The next frame (None: the stream ended); with a ``reader`` (a live source with a stall time), ``STALLED`` when
+        the read has not returned within it and ``STOPPED`` when the run stopped while it waited."""
+        if reader is None:
+            return self.source.read()
+        deadline = time.perf_counter() + self.reconnect.stall_s
+        reader.request()
+        while True:
+            result = reader.wait(min(0.25, max(0.0, deadline - time.perf_counter())))
+            if result is not None:
+                if result[0] == "error":
+                    raise result[1]
+                return result[1]
+            if self.stop.is_set():  # the read still pending: leave it to its thread, as after a stall
+                reader.abandon()
+                abandon = getattr(self.source, "abandon", None)
+                if abandon is not None:
+                    abandon()
+                return STOPPED
+            if time.perf_counter() >= deadline:
+                reader.abandon()
+                abandon = getattr(self.source, "abandon", None)
+                if abandon is not None:  # let go of what the stuck read holds, without touching it from here
+                    abandon()
+                return STALLED
+
     def _run(self) -> None:
         source, counters = self.source, self.counters
+        reader = Reader(source) if source.live and self.reconnect.stall_s > 0 else None
         try:
             failures = 0
             t_pace = time.perf_counter()
@@ -214,7 +289,14 @@ class Capture:
                         break
                 if self.max_frames is not None and counters.read >= self.max_frames:
                     break
-                frame = source.read()
+                frame = self._read(reader)
+                if frame is STOPPED:
+                    break
+                if frame is STALLED:  # then as a dropped stream: reopened with the same backoff
+                    counters.stalls += 1
+                    self.events.append({"event": "stalled", "source": source.describe(), "after_frame": counters.read - 1,
+                                        "waited_s": self.reconnect.stall_s, "time": time.time()})
+                    frame = None
                 if frame is None:
                     if not source.live or failures >= self.reconnect.max_attempts:
                         if source.live:
@@ -236,4 +318,6 @@ class Capture:
                 if self.handover.put((frame, time.perf_counter())):
                     counters.dropped += 1
         finally:
+            if reader is not None:
+                reader.close()
             self.handover.put(END)

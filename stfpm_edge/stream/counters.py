@@ -28,6 +28,7 @@ class Counters:
     failed: int = 0
     anomalous: int = 0
     reconnects: int = 0
+    stalls: int = 0  # live source reads that did not return within the stall time (then reopened)
     gaps: deque = field(default_factory=lambda: deque(maxlen=1000))
     latency: dict = field(default_factory=_window)
     drift: Any = None  # the source's drift.DriftWatch, set by the run
@@ -42,7 +43,7 @@ def summarize(c: Counters, wall_s: float) -> dict[str, Any]:
     return {
         "frames_read": c.read, "frames_inspected": c.inspected, "frames_dropped": c.dropped, "frames_failed": c.failed,
         "frames_anomalous": c.anomalous, "accounted": c.read == c.inspected + c.failed + c.dropped,
-        "reconnects": c.reconnects, "gaps": list(c.gaps), "wall_s": wall_s,
+        "reconnects": c.reconnects, "stalls": c.stalls, "gaps": list(c.gaps), "wall_s": wall_s,
         "fps": c.inspected / wall_s if wall_s > 0 else 0.0, "latency_ms": lat,
         "latency_window_frames": LATENCY_WINDOW,
     }
@@ -52,7 +53,7 @@ def merged(parts: list[Counters]) -> Counters:
     """The counters of several sources added up (latency windows pooled, each still bounded)."""
     total = Counters()
     for c in parts:
-        for name in ("read", "inspected", "dropped", "failed", "anomalous", "reconnects"):
+        for name in ("read", "inspected", "dropped", "failed", "anomalous", "reconnects", "stalls"):
             setattr(total, name, getattr(total, name) + getattr(c, name))
         total.gaps.extend(c.gaps)
         for stage, values in c.latency.items():

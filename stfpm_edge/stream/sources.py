@@ -94,9 +94,13 @@ class CaptureSource(Source):
         return cap
 
     def read(self) -> Frame | None:
-        if self._cap is None:
+        cap = self._cap
+        if cap is None:
             return None
-        ok, img = self._cap.read()
+        ok, img = cap.read()
+        if cap is not self._cap:  # abandoned while this read hung (a stall): its handle is released here, by its own thread
+            cap.release()
+            return None
         if not ok or img is None:
             return None
         idx = self._index
@@ -113,6 +117,10 @@ class CaptureSource(Source):
             self._cap.release()
         self._cap = self._open()
         return self._cap is not None
+
+    def abandon(self) -> None:
+        """A read is stuck in the current handle: forget it (the stuck read releases it if it returns); ``reopen`` opens anew."""
+        self._cap = None
 
     def close(self) -> None:
         if self._cap is not None:
