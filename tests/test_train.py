@@ -530,6 +530,7 @@ def test_update_adds_good_images_to_a_memory_in_place_of_a_retraining(synthetic_
         meta = after.meta
     assert (scores_after <= new).all() and scores_after.max() < 1e-5  # their own features are in the memory now
     (event,) = meta["updates"]
+    assert meta["memory_whole"]["rows"] == meta["dataset"]["n_train"] + 2  # their layouts join the whole-part term's good images
     assert event["added_good_images"] == 2 and event["old_threshold"] == old and event["new_threshold"] == new
     assert meta["threshold"]["n_scores"] == len(meta["normal_stats"]["heldout_scores"]) and meta["threshold"]["history"][-1]["image"] == old
     refused = CliRunner().invoke(app, ["update", str(tiny_run[0] / "model.pt"), "--add-good", str(marked), "--out", str(tmp_path / "s.pt")])
