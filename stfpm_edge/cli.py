@@ -105,7 +105,7 @@ def train(
                                           "anything but none computes the teacher every step [default: rotate]"),
     layers: Optional[str] = typer.Option(None, help="feature levels to match, e.g. 1,2,3 (strides 4, 8, 16) [default: the backbone's]"),
     blur_sigma: Optional[float] = typer.Option(None, "--blur-sigma", help="Gaussian smoothing of the anomaly map, in model pixels; inside the exported graph; 0 = the raw map [default: 4]"),
-    topk_fraction: Optional[float] = typer.Option(None, "--topk-fraction", help="image score = mean of this fraction of the top map pixels (0 = max) [default: a student's 0.01, a memory's 0]"),
+    topk_fraction: Optional[float] = typer.Option(None, "--topk-fraction", help="image score = mean of this fraction of the map's top pixels (0 = its maximum, the paper's) [default: 0.01]"),
     level_weights: Optional[str] = typer.Option(None, "--level-weights", help="one exponent per feature level in the map's product of "
                                                 "level distances, e.g. 0,0,1 = the deepest level alone (a student still learns every level); \"\" = all 1 (the paper) "
                                                 "[default: a student's finer levels 0.25 and its deepest 1; a memory's all 1]"),
@@ -365,8 +365,8 @@ def _roi(value: Optional[str]):
 
 
 @command(help="Inspect a camera stream, video, URL, GStreamer pipeline, image folder or glob in real time. Several models are "
-              "recipes (one per product): all open at the start, the first judges, and the station (POST /api/recipe) switches "
-              "between two frames.")
+              "recipes (one per product): all open at the start, the first judges, and the station (POST /api/recipe), an MQTT "
+              "topic or the PLC's product register (--recipe-from) switch between two frames.")
 def run(
     model: List[str] = typer.Argument(..., help=".pt, .onnx or .engine, or a model served by Triton: grpc://host:8001/NAME (http://host:8000/NAME); "
                                       "several for a line that changes product, each PATH or NAME=PATH (NAME defaults to the file's stem)"),

@@ -279,7 +279,7 @@ def test_a_new_student_takes_the_winning_levers_and_a_resumed_or_paper_run_keeps
     assert load_config(None, dict(data=data, reference="student", layers="1,2")).level_weights == "0.25,1"  # one per level
     assert load_config(None, dict(data=data, reference="student", layers="3")).level_weights == "1"
     memory = load_config(None, dict(data=data))
-    assert (memory.hard_fraction, memory.feature_norm, memory.level_weights, memory.topk_fraction) == (0.0, "none", "", 0.0)
+    assert (memory.hard_fraction, memory.feature_norm, memory.level_weights, memory.topk_fraction) == (0.0, "none", "", 0.01)
     assert memory.lr_schedule == "constant" and memory.batch_size == 32
     given = load_config(None, dict(data=data, reference="student", hard_fraction=0.0, level_weights="0,0,1"))
     assert (given.hard_fraction, given.feature_norm, given.level_weights) == (0.0, "deep", "0,0,1")
