@@ -23,7 +23,20 @@ from .errors import StfpmError
 from .evaluate import evaluate, predict, write_outputs
 from .fileio import atomic_write_json, sha256_file
 from .geometry import Geometry, auto_size, decode_image
-from .model import STANDARDISED_LEVELS, STFPM, FeatureNorm, MapPost, MemoryBank, MemorySearch, WholePart, channel_stats, check_level_count, coreset_levels, memory_rows, stfpm_loss
+from .model import (
+    STANDARDISED_LEVELS,
+    STFPM,
+    FeatureNorm,
+    MapPost,
+    MemoryBank,
+    MemorySearch,
+    WholePart,
+    channel_stats,
+    check_level_count,
+    coreset_levels,
+    memory_rows,
+    stfpm_loss,
+)
 from .store import TrainingStore
 from .thresholds import fit_threshold, normal_statistics, refit_threshold
 

@@ -1,7 +1,6 @@
 """The PLC handshake against pymodbus's server standing in for the PLC: trigger -> result -> acknowledgement."""
 
 import threading
-import time
 
 import pytest
 

@@ -177,10 +177,8 @@ def test_retired_options_load_when_they_were_off_and_are_refused_when_they_were_
 
 
 def test_a_student_must_have_the_teachers_widths_and_a_memory_has_no_student(synthetic_mvtec, tmp_path):
-    from stfpm_edge.model import STFPM
-
     from stfpm_edge.backbones import create_features
-    from stfpm_edge.model import create_student
+    from stfpm_edge.model import STFPM, create_student
 
     teacher = create_features("tf_efficientnet_lite0")
     with pytest.raises(StfpmError, match=r"levels of \[24, 48, 120\] channels, the teacher's have \[24, 40, 112\]"):

@@ -16,16 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..drift import DriftWatch, describe, reference_from_meta
 from ..errors import StfpmError
 from ..fileio import ReservedJson, mask_secrets
 from ..scoring import ANOMALOUS
 from .capture import END, Capture, Mux, Reconnect, handover_for
-from ..drift import DriftWatch, describe, reference_from_meta
 from .counters import Counters, merged, summarize
 from .inspection import AreaRule, Inspector
-from .watchdog import SystemdNotifier
 from .outputs import AnomalyFiles, JsonlWriter, Output, Picture, VideoOutput, Window, frame_record
 from .sources import Source
+from .watchdog import SystemdNotifier
 
 
 @dataclass
@@ -248,7 +248,6 @@ class StreamRun:
             print(f"metrics: http://{opts.metrics_host}:{self.live.port}/metrics", flush=True)
         for control in opts.controls:
             control.start(self.inspector, self.events)
-
         for sink in opts.sinks:
             if not self.multi:
                 sink.context.setdefault("source", self.names[0])

@@ -14,10 +14,10 @@ from typing import Any
 from ..engines import engine_options, open_engine
 from ..errors import StfpmError
 from ..fileio import mask_secrets
+from .control import make_control
 from .linescan import LineScanOptions, run_linescan
 from .outputs import RunFolder, check_video_path
 from .pipeline import RunOptions, run_stream
-from .control import make_control
 from .sinks import make_sink
 from .sources import open_source
 
