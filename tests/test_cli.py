@@ -40,7 +40,8 @@ def test_sigint_to_the_cli_flushes_valid_jsonl(tiny_run, tmp_path):
     assert proc.returncode == 0, stderr
     recs = _records(out)  # every line is complete JSON
     summary = json.loads((out / "summary.json").read_text())
-    assert 0 < len(recs) == summary["frames_inspected"] == summary["frames_read"] < 3000
+    frames = [r for r in recs if "status" in r]  # (besides event records such as drift)
+    assert 0 < len(frames) == summary["frames_inspected"] == summary["frames_read"] < 3000
     assert "frames read" in stdout
 
 

@@ -463,3 +463,37 @@ def test_a_real_http_stream_that_stalls_with_its_connection_open_is_reopened(tmp
     assert [e["event"] for e in events][:2] == ["stalled", "reconnect"] and events[0]["after_frame"] == 14
     assert summary["stalls"] == 1 and summary["frames_read"] == 25 and summary["accounted"] and len(connections) >= 2
     assert took < 20  # the stalled connection would have held the run for 30 s
+
+
+def test_a_long_run_allocates_nothing_per_frame_once_its_windows_are_full(tmp_path, monkeypatch):
+    """What grows in a long run are the bounded windows (latency per stage, drift); once full, nothing the package allocates
+    may grow with the number of frames. Windows shrunk to 200 frames, allocations compared between frames 1,500 and 4,000:
+    a leak of 26 bytes per frame would show. (The 100,000-frame soak with a real model: docs/faults.md.)"""
+    import tracemalloc
+
+    import numpy as np
+
+    import stfpm_edge.stream.counters as counters
+
+    monkeypatch.setattr(counters, "LATENCY_WINDOW", 200)
+    snapshots = {}
+    img = np.full((48, 64, 3), 180, np.uint8)
+
+    def frames():
+        for i in range(4000):
+            if i in (1500, 3999):
+                snapshots[i] = tracemalloc.take_snapshot()
+            frame = img.copy()
+            if i % 7 == 0:
+                frame[10:20, 10:20] = 0  # anomalous now and then: regions, pictures off
+            yield frame
+
+    tracemalloc.start()
+    try:
+        summary = run_stream(lambda: DarkSpotEngine(), IterSource(frames()), RunOptions(tmp_path / "o", save_anomalies=False))
+    finally:
+        tracemalloc.stop()
+    assert summary["frames_inspected"] == 4000
+    ours = [st for st in snapshots[3999].compare_to(snapshots[1500], "lineno") if "stfpm_edge" in st.traceback[0].filename]
+    grown = sum(st.size_diff for st in ours)
+    assert grown < 64 * 1024, [(str(st.traceback[0]), st.size_diff) for st in sorted(ours, key=lambda s: -s.size_diff)[:5]]
