@@ -57,9 +57,10 @@ class TrainConfig:
     # stride 16, 1 for the others (strides 4, 8, 16 are searched at 8, 16, 16: docs/results/record.md "Memory at camera rate"); 1 = none
     memory_pool: str = "auto"
     memory_aggregate: int = 1  # memory: each feature the mean of its a x a neighbourhood first (PatchCore; 1 = none)
-    # memory: weight of the whole-part term (model.WholePart: the image's coarse layout against the good images', counted only
-    # beyond good variation; catches a missing or turned part) in the image score; 0 = positions only. docs/results/record.md "The whole part"
-    whole_weight: float = 1.0
+    # memory: weight of the whole-part term (model.WholePart: each cell of a coarse grid against that cell of the good images,
+    # counted only beyond good variation, added to the map; marks a missing or turned part) in the map; 0 = positions only.
+    # docs/results/record.md "The whole part"
+    whole_weight: float = 0.5
     # the share of good parts the line may reject; the threshold is set for it from out-of-fold good scores (thresholds.py)
     false_call_rate: float = 0.01
     threshold_rule: str = "tail"  # tail (generalised Pareto fit of the top good scores) or quantile (empirical)

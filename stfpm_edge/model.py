@@ -210,51 +210,63 @@ def channel_stats(batches: Iterable[Sequence[torch.Tensor]]) -> tuple[list[torch
 
 
 class WholePart(nn.Module):
-    """The whole part at a glance: is the image, as a layout, like some good image? (a missing or turned part)
+    """The part's layout, cell by cell: is what lies here like what lies here in some good image? (a missing or turned part)
 
     Each image is described by its deepest teacher level averaged over a coarse grid (``GRID`` x ``GRID``
     cells; a size not divisible gives ragged edge cells, the mean of what they cover), each cell's
-    feature unit-length, so that ``1 - q . r`` is the mean over cells of ``1 - cos``. ``rows``: one
-    description per good training image. An image's distance is to its nearest row. Only what lies
-    beyond good variation counts: ``excess = gain * relu(distance - offset)``, with ``offset`` the 90th
-    percentile of the good images' distances to their nearest other good image and ``gain`` the median
-    good patch score over the spread of those distances (their 99th percentile minus their median),
-    times ``weight`` (train: ``whole_weight``) — set at training from good images only
-    (``train.calibrate_whole``). The excess is added to the map's image score; the map itself is
-    unchanged. On parts that vary in layout (a screw in any rotation) good images are far from each
-    other, the offset is large and the term stays silent.
+    feature unit-length. ``rows``: the cells of every good training image, [images, cells, C]. A cell's
+    distance is ``1 - cos`` to the same cell of the good image it is nearest to there. Only what lies
+    beyond good variation counts: ``gain * relu(distance - offset)``, with ``offset`` the 99th percentile
+    of the good images' cells' distances to the other good images and ``gain`` ``weight`` (train:
+    ``whole_weight``) x the median good image score over the spread of those distances (their 99th
+    percentile minus their median) — set at training from good images only (``train.calibrate_whole``).
+    That excess, laid over the image (bilinear, like the levels), is added to the anomaly map, so the
+    map marks where a part is missing and the image score (from the map) rises with it. On parts that
+    vary in layout (a screw in any rotation) good cells are far from each other, the offset is large and
+    the term stays silent.
     """
 
-    GRID = 4
+    GRID = 8
 
     def __init__(self, rows: torch.Tensor, level: int, offset: float = 0.0, gain: float = 0.0):
         super().__init__()
+        if rows.ndim != 3:
+            raise StfpmError("whole-part rows must be [images, cells, channels] (a model of an earlier development form: train it again)")
         self.register_buffer("rows", rows.float().contiguous())
         self.level, self.offset, self.gain = int(level), float(offset), float(gain)
 
     @classmethod
-    def describe(cls, t: torch.Tensor) -> torch.Tensor:
-        """Teacher level [N, C, h, w] -> unit descriptions [N, C * cells]."""
+    def cells(cls, t: torch.Tensor) -> torch.Tensor:
+        """Teacher level [N, C, h, w] -> unit cell features [N, C, gh, gw]."""
         t = t.float()
         h, w = int(t.shape[-2]), int(t.shape[-1])  # int(): the model size is fixed, constants at export
         kh, kw = -(-h // cls.GRID), -(-w // cls.GRID)
         ragged = h % kh != 0 or w % kw != 0
-        cells = F.normalize(F.avg_pool2d(t, (kh, kw), stride=(kh, kw), ceil_mode=ragged, count_include_pad=False), dim=1)
-        n_cells = int(cells.shape[-2]) * int(cells.shape[-1])
-        return cells.flatten(1) / math.sqrt(n_cells)
+        return F.normalize(F.avg_pool2d(t, (kh, kw), stride=(kh, kw), ceil_mode=ragged, count_include_pad=False), dim=1)
+
+    @classmethod
+    def describe(cls, t: torch.Tensor) -> torch.Tensor:
+        """Teacher level [N, C, h, w] -> the image's cells [N, cells, C] (the rows of a good image)."""
+        return cls.cells(t).flatten(2).transpose(1, 2)
 
     def distance(self, t_feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        q = self.describe(t_feats[self.level])
-        return (1.0 - (q @ self.rows.T).amax(dim=1)).clamp_min(0.0)
+        """Per cell, 1 - cos to that cell of its nearest good image: [N, 1, gh, gw]."""
+        c = self.cells(t_feats[self.level])
+        n, ch, gh, gw = c.shape
+        q = c.flatten(2).permute(2, 0, 1)  # [cells, N, C]
+        sim = torch.matmul(q, self.rows.permute(1, 2, 0)).amax(dim=2)  # [cells, N]: a MatMul and a ReduceMax in the graph
+        return (1.0 - sim).clamp_min(0.0).transpose(0, 1).reshape(n, 1, gh, gw)
 
-    def excess(self, t_feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.gain * (self.distance(t_feats) - self.offset).clamp_min(0.0)
+    def excess_map(self, t_feats: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """``gain * relu(distance - offset)`` laid over the image: [N, 1, H, W]."""
+        ex = self.gain * (self.distance(t_feats) - self.offset).clamp_min(0.0)
+        return F.interpolate(ex, size=size, mode="bilinear", align_corners=False)
 
     def others_distances(self) -> torch.Tensor:
-        """Each row's distance to its nearest other row: the good images' out-of-fold distances."""
-        sim = self.rows @ self.rows.T
-        sim.fill_diagonal_(-1.0)
-        return (1.0 - sim.amax(dim=1)).clamp_min(0.0)
+        """Every good image's cells against the other good images' (itself left out): [images, cells]."""
+        sim = torch.matmul(self.rows.permute(1, 0, 2), self.rows.permute(1, 2, 0))  # [cells, M, M]
+        sim.diagonal(dim1=1, dim2=2).fill_(-1.0)
+        return (1.0 - sim.amax(dim=2)).clamp_min(0.0).transpose(0, 1)
 
     def to_dict(self) -> dict:
         return {"level": self.level, "grid": self.GRID, "offset": self.offset, "gain": self.gain, "rows": int(self.rows.shape[0])}
@@ -550,13 +562,13 @@ class STFPM(nn.Module):
         # upsample, product) always runs in FP32, where squared sums cannot overflow.
         dtype = next(self.teacher.parameters()).dtype
         x_in = x if dtype == torch.float32 else x.to(dtype)
-        whole = None
+        layout = None
         if isinstance(self.student, MemoryBank):  # the nearest good feature in the student's place (FP32 bank)
             with torch.no_grad():
                 t = [f.float() for f in self.teacher(x_in)]
             amap = combine_levels(self.student.distances(t), (x.shape[-2], x.shape[-1]), self.post.level_weights)
             if self.student.whole is not None and self.student.whole.gain > 0:
-                whole = self.student.whole.excess(t)
+                layout = self.student.whole.excess_map(t, (x.shape[-2], x.shape[-1]))
         else:
             t, s = self.features(x_in)
             if dtype != torch.float32:
@@ -564,8 +576,9 @@ class STFPM(nn.Module):
             amap = anomaly_map(t, s, (x.shape[-2], x.shape[-1]), self.metric, self.post.level_weights)
         if self.blur_kernel.numel():
             amap = blur_map(amap, self.blur_kernel)
-        score = image_score(amap, self.post.topk(x.shape[-2], x.shape[-1]))
-        return amap, score if whole is None else score + whole
+        if layout is not None:  # already smooth (coarse cells, bilinear): added after the blur
+            amap = amap + layout
+        return amap, image_score(amap, self.post.topk(x.shape[-2], x.shape[-1]))
 
 
 def create_student(name: str, layers: Sequence[int] | None, teacher: nn.Module) -> nn.Module:

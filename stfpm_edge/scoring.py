@@ -80,10 +80,9 @@ def region_area(region: dict[str, Any], mm: bool) -> float:
 def verdict_with_area(score: float, threshold: float, regions: list[dict[str, Any]], min_area: float | None, mm: bool) -> str:
     """The verdict rule with an inspection spec's minimum defect area: above the threshold, and (when ``min_area`` is
     given) at least one region of that area or more (in mm² when ``mm``, else source pixels). A frame above the
-    threshold whose regions are all smaller stays good. A frame above the threshold with no region at all was judged as a
-    whole (a memory's whole-part term: a missing or turned part has no small defect to measure) and is rejected."""
+    threshold whose regions are all smaller stays good."""
     if not bool(is_anomalous(score, threshold)):
         return GOOD
-    if min_area is None or not regions or any(region_area(r, mm) >= min_area for r in regions):
+    if min_area is None or any(region_area(r, mm) >= min_area for r in regions):
         return ANOMALOUS
     return GOOD

@@ -425,16 +425,16 @@ def _fit_memory(p: Prepared, progress: bool) -> dict[str, Any]:
                        "search": search.to_dict(), "seconds": seconds, "coreset_seconds": select_seconds}}
 
 
-# the share of good images whose nearest other good image is nearer than the whole-part term's offset: beyond it the term speaks
-WHOLE_OFFSET_QUANTILE = 0.9
+# the share of good images' cells nearer to another good image's than the whole-part term's offset: beyond it the term speaks
+WHOLE_OFFSET_QUANTILE = 0.99
 
 
 def calibrate_whole(whole: WholePart, good_scores: np.ndarray, weight: float) -> None:
-    """Set the whole-part term from good images only: ``offset`` = the WHOLE_OFFSET_QUANTILE of the bank images' distances to
-    their nearest other bank image; ``gain`` = ``weight`` x the median good map score / the spread of those distances (their
-    99th percentile minus their median), so that one spread beyond the offset weighs as much as a typical good image's score.
-    Chosen on bottle, screw and transistor over three seeds each (docs/results/record.md "The whole part")."""
-    d = whole.others_distances().cpu().double().numpy()
+    """Set the whole-part term from good images only: ``offset`` = the WHOLE_OFFSET_QUANTILE of the bank images' cells'
+    distances to the other bank images' (each image left out of its own comparison); ``gain`` = ``weight`` x the median good
+    image score / the spread of those distances (their 99th percentile minus their median). Chosen on bottle, screw and
+    transistor (docs/results/record.md "The whole part")."""
+    d = whole.others_distances().flatten().cpu().double().numpy()
     spread = max(float(np.quantile(d, 0.99) - np.median(d)), 1e-6)
     whole.offset = float(np.quantile(d, WHOLE_OFFSET_QUANTILE))
     whole.gain = float(weight * np.median(good_scores) / spread)

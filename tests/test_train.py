@@ -370,9 +370,11 @@ def test_memory_search_options_pool_aggregate_per_level_banks_export_at_parity(s
         t = model.teacher(model.normalize(torch.zeros(1, 80, 80, 3, dtype=torch.uint8)))
         d = model.student.distances(t)
     assert [tuple(x.shape[-2:]) for x in d] == [(10, 10), (10, 10), (3, 3)]  # 20/2, 10, ceil(5/2)
-    # the whole-part term on the 5x5 deepest level: 2x2 cells with ragged edges (3x3), one description per bank image, in the graph too
+    # the whole-part term on the 5x5 deepest level: an 8x8 grid cannot be finer than the level, so 5x5 cells of one feature each;
+    # one set of cells per bank image, its excess a map of the model's size, in the graph too
     assert meta["memory_whole"]["rows"] == meta["dataset"]["n_train"] and meta["memory_whole"]["gain"] > 0
-    assert model.student.whole.describe(t[-1]).shape == (1, t[-1].shape[1] * 9)
+    assert model.student.whole.describe(t[-1]).shape == (1, 25, t[-1].shape[1])
+    assert model.student.whole.excess_map(t, (80, 80)).shape == (1, 1, 80, 80)
     assert metrics["image_auroc"] > 0.9
     result = CliRunner().invoke(app, ["export", str(run_dir / "model.pt"), "--out", str(tmp_path / "m.onnx"), "--data", str(synthetic_mvtec)])
     assert result.exit_code == 0 and "parity: OK" in result.output, result.output
@@ -388,10 +390,9 @@ def test_memory_search_options_pool_aggregate_per_level_banks_export_at_parity(s
 def test_a_missing_part_is_rejected_by_the_whole_part_term_which_positions_alone_pass(tmp_path):
     """A part on a woven background; the defect is the part missing: every position of it looks like the background the memory
     holds. With positions only the threshold passes every missing part (the ranking is right, the scores too low); the whole-part
-    term (the default) rejects them all, with no false call on the good test parts. The verdict comes with no defect region."""
+    term (the default) marks where the part should be and rejects them all, with no false call on the good test parts."""
     import cv2
 
-    from stfpm_edge.scoring import ANOMALOUS, verdict_with_area
     from stfpm_edge.synthetic import texture
 
     rng = np.random.default_rng(0)
@@ -411,14 +412,13 @@ def test_a_missing_part_is_rejected_by_the_whole_part_term_which_positions_alone
         for i in range(n):
             cv2.imwrite(str(root / sub / f"{i:03d}.png"), part(present))
     runs = {}
-    for w in (0.0, 1.0):
-        cfg = load_config(None, dict(data=str(root), out=str(tmp_path / f"w{w:g}"), height=64, width=64, threads=1, overlays=0, whole_weight=w))
+    for w in (0.0, None):  # off, and the default
+        extra = {} if w is None else {"whole_weight": w}
+        cfg = load_config(None, dict(data=str(root), out=str(tmp_path / f"w{w}"), height=64, width=64, threads=1, overlays=0, **extra))
         runs[w] = train(cfg, progress=False)[1]
     assert runs[0.0]["miss_rate"] == 1.0 and runs[0.0]["good_flagged"] == 0
-    assert runs[1.0]["miss_rate"] == 0.0 and runs[1.0]["good_flagged"] == 0
-    assert "memory_whole" not in load_checkpoint(tmp_path / "w0" / "model.pt")[1]
-    # a frame above the threshold with nothing in its map above it was judged as a whole: rejected even under a minimum area
-    assert verdict_with_area(2.0, 1.0, [], min_area=50.0, mm=False) == ANOMALOUS
+    assert runs[None]["miss_rate"] == 0.0 and runs[None]["good_flagged"] == 0
+    assert "memory_whole" not in load_checkpoint(tmp_path / "w0.0" / "model.pt")[1]
 
 
 def test_the_decay_schedule_keeps_the_rate_then_falls_over_the_last_fifth_and_resumes_where_it_was():
