@@ -362,7 +362,7 @@ def memory_pools(model: STFPM, images: np.ndarray, search: MemorySearch, batch_s
                  progress: bool = False) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
     """Per level, the candidate rows of a memory (CPU chunks, one per image, in the images' order): positions drawn evenly
     from every image, at most POOL_PER_LEVEL per level in all (memory stays bounded however many images there are); and
-    every image's whole-part description (``WholePart.describe`` of the deepest level), from the same teacher pass."""
+    every image's whole-part cells (``WholePart.describe`` of the deepest level, [images, cells, C]), from the same teacher pass."""
     from tqdm import tqdm
 
     device = next(model.parameters()).device
@@ -514,7 +514,7 @@ def _finish(p: Prepared, training: dict[str, Any], progress: bool) -> tuple[Path
         "normal_stats": {"image_scores": normal_statistics(good_scores), "pixel_max": float(held_maps.max()),
                          "heldout_scores": [float(v) for v in good_scores], "heldout_sources": [[name, n] for name, n in parts],
                          # what a run compares its good frames with (stfpm_edge.drift): every good image of training, its out-of-fold scores
-                         "drift": reference_of([*p.train_imgs, *p.val_imgs, *p.calib_imgs], good_scores)},
+                         "drift": reference_of([*p.train_imgs, *p.val_imgs, *(p.calib_imgs if calib_s else [])], good_scores)},
         "config": cfg.to_dict(),
         "dataset": {"name": dataset.name, "layout": dataset.layout, "root": str(dataset.root), "n_train": len(train_s),
                     "n_val": len(val_s), "n_calib": len(calib_s), "n_test": len(dataset.test)},
