@@ -179,7 +179,7 @@ class PlcProgram:
         return time.perf_counter()
 
     def cycle(self, acknowledge=True):
-        self.wait(READY, True)
+        self.wait(READY, True, limit=30.0)  # the first: the run opens its engine before it is ready
         t0 = time.perf_counter()
         self.c.write_coil(TRIGGER, True, device_id=1)
         t1 = self.wait(VALID, True)

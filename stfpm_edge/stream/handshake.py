@@ -150,15 +150,14 @@ class PlcHandshake(Output):
         seq, previous = 0, None
         while not self._stop.is_set() and not (self.source is not None and self.source.ended.is_set()):
             try:
-                if previous is None:  # (re)starting: a trigger already on is not an edge
+                if previous is None:  # (re)starting: a trigger already on is not an edge; one raised once ready is
                     self._coil("valid", False)
-                    self._coil("ready", True)
                     previous = self._read("trigger")
+                    self._coil("ready", True)
                 now = self._read("trigger")
                 if now and not previous:
                     seq = (seq + 1) % 65536
-                    self._cycle(seq)
-                    now = self._read("trigger")
+                    now = self._cycle(seq)  # the trigger as it was just before ready went on again: a raise after that is an edge
                 previous = now
             except Exception as exc:  # the PLC away: report, wait, start over
                 self.plc_errors += 1
@@ -170,7 +169,8 @@ class PlcHandshake(Output):
                 continue
             self._stop.wait(self.poll_s)
 
-    def _cycle(self, seq: int) -> None:
+    def _cycle(self, seq: int) -> bool:
+        """One trigger's cycle; returns the trigger's state read just before ``ready`` goes on again."""
         t0 = time.perf_counter()
         self._coil("ready", False)
         self.source.release()
@@ -203,4 +203,6 @@ class PlcHandshake(Output):
             print(f"warning: the PLC did not acknowledge result {seq} ({event['verdict']}, frame {frame}) within "
                   f"{self.ack_s * 1e3:.0f} ms", file=sys.stderr, flush=True)
         self._coil("valid", False)
+        trigger = self._read("trigger")
         self._coil("ready", True)
+        return trigger
