@@ -21,7 +21,7 @@ import urllib.parse
 
 from ..errors import StfpmError
 from ..fileio import mask_secrets
-from .sinks import _query, _split
+from .sinks import _query, _split, modbus_client, mqtt_client, need_line_extra
 
 
 class RecipeControl:
@@ -77,20 +77,10 @@ class MqttRecipe(RecipeControl):
         self.host, self.port, self.tls = u.hostname or "127.0.0.1", port or (8883 if u.scheme == "mqtts" else 1883), u.scheme == "mqtts"
         self.qos = q.get("qos", 1)
         self.client_id = q.get("client_id")
-        try:
-            import paho.mqtt.client  # noqa: F401
-        except ImportError:
-            raise StfpmError("--recipe-from mqtt://...: paho-mqtt is not installed (pip install 'stfpm-edge[line]')") from None
+        need_line_extra("paho.mqtt.client", "--recipe-from mqtt://...", "paho-mqtt")
 
     def _open(self) -> None:
-        import paho.mqtt.client as mqtt
-
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, **({"client_id": self.client_id} if self.client_id else {}))
-        if self.user:
-            c.username_pw_set(self.user, self.password)
-        if self.tls:
-            c.tls_set()
-        c.reconnect_delay_set(min_delay=0.2, max_delay=5)
+        c = mqtt_client(self.client_id, self.user, self.password, self.tls)
 
         def on_connect(client, userdata, flags, reason, properties):
             if reason.is_failure:
@@ -138,15 +128,10 @@ class ModbusRecipe(RecipeControl):
         self.host, self.port = u.hostname or "127.0.0.1", port or 502
         self.last: int | None = None
         self._stop = threading.Event()
-        try:
-            import pymodbus.client  # noqa: F401
-        except ImportError:
-            raise StfpmError("--recipe-from modbus://...: pymodbus is not installed (pip install 'stfpm-edge[line]')") from None
+        need_line_extra("pymodbus.client", "--recipe-from modbus://...", "pymodbus")
 
     def _open(self) -> None:
-        from pymodbus.client import ModbusTcpClient
-
-        self.client = ModbusTcpClient(self.host, port=self.port, timeout=self.timeout, retries=0, reconnect_delay=0.2, reconnect_delay_max=5.0)
+        self.client = modbus_client(self.host, self.port, self.timeout)
         self._thread = threading.Thread(target=self._poll, name="recipe-modbus", daemon=True)
         self._thread.start()
 

@@ -27,7 +27,7 @@ from ..fileio import mask_secrets
 from ..scoring import ANOMALOUS
 from ..timing import percentiles
 from .outputs import Output
-from .sinks import _query, _split
+from .sinks import _query, _split, modbus_client, need_line_extra
 from .sources import Frame, Source
 
 COILS = ("trigger", "ready", "valid", "ok", "ack")
@@ -80,10 +80,7 @@ class PlcHandshake(Output):
         if not (0.001 <= self.poll_s <= 1 and 0.01 <= self.ack_s <= 600 and 0.05 <= self.frame_s <= 600):
             raise StfpmError(f"--trigger {self.name}: poll_ms 1..1000, ack_ms 10..600000, frame_ms 50..600000")
         self.host, self.port = u.hostname or "127.0.0.1", port or 502
-        try:
-            import pymodbus.client  # noqa: F401
-        except ImportError:
-            raise StfpmError("--trigger modbus://...: pymodbus is not installed (pip install 'stfpm-edge[line]')") from None
+        need_line_extra("pymodbus.client", "--trigger modbus://...", "pymodbus")
         self.source: TriggeredSource | None = None
         self.events: list = []
         self._verdicts: queue.Queue = queue.Queue()
@@ -100,9 +97,7 @@ class PlcHandshake(Output):
         return self.source
 
     def start(self) -> "PlcHandshake":
-        from pymodbus.client import ModbusTcpClient
-
-        self.client = ModbusTcpClient(self.host, port=self.port, timeout=self.timeout, retries=0, reconnect_delay=0.2, reconnect_delay_max=5.0)
+        self.client = modbus_client(self.host, self.port, self.timeout)
         if not self.client.connect():
             raise StfpmError(f"--trigger {self.name}: no PLC answers at {self.host}:{self.port}")
         self._thread = threading.Thread(target=self._cycle_forever, name="plc-handshake", daemon=True)

@@ -16,6 +16,7 @@ URLs (credentials in them are masked in every record, summary and message):
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -34,6 +35,35 @@ from ..timing import percentiles
 from .outputs import Output, frame_record
 
 SEND_MODES = ("all", "anomalous")
+
+
+def need_line_extra(module: str, option: str, package: str) -> None:
+    """Import ``module`` now, before the run starts: without the [line] extra, one clear line naming the option and package."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise StfpmError(f"{option}: {package} is not installed (pip install 'stfpm-edge[line]')") from None
+
+
+def modbus_client(host: str, port: int, timeout: float):
+    """The Modbus TCP client every PLC connection here uses: no retries of its own, reconnects with a 0.2 to 5 s backoff."""
+    from pymodbus.client import ModbusTcpClient
+
+    return ModbusTcpClient(host, port=port, timeout=timeout, retries=0, reconnect_delay=0.2, reconnect_delay_max=5.0)
+
+
+def mqtt_client(client_id: str | None, user: str | None, password: str | None, tls: bool):
+    """The paho client every MQTT connection here uses (callback API 2, credentials and TLS from the URL, reconnects with a
+    0.2 to 5 s backoff); not yet connected."""
+    import paho.mqtt.client as mqtt
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, **({"client_id": client_id} if client_id else {}))
+    if user:
+        c.username_pw_set(user, password)
+    if tls:
+        c.tls_set()
+    c.reconnect_delay_set(min_delay=0.2, max_delay=5)
+    return c
 
 
 class Undelivered(Exception):
@@ -224,25 +254,15 @@ class MqttSink(Sink):
         self.host, self.port, self.tls = u.hostname or "127.0.0.1", port or (8883 if u.scheme == "mqtts" else 1883), u.scheme == "mqtts"
         self.username, self.password = user, password
         self.client_id = q.get("client_id") or f"stfpm-edge-{os.getpid()}-{id(self) & 0xFFFF:x}"
-        try:
-            import paho.mqtt.client  # noqa: F401  (checked now, before the run starts)
-        except ImportError:
-            raise StfpmError("--sink mqtt://...: paho-mqtt is not installed (pip install 'stfpm-edge[line]')") from None
+        need_line_extra("paho.mqtt.client", "--sink mqtt://...", "paho-mqtt")
         self._connected = threading.Event()
 
     def _status(self, state: str) -> str:
         return json.dumps({"state": state, **self.context})
 
     def _open(self) -> None:
-        import paho.mqtt.client as mqtt
-
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id)
-        if self.username:
-            c.username_pw_set(self.username, self.password)
-        if self.tls:
-            c.tls_set()
+        c = mqtt_client(self.client_id, self.username, self.password, self.tls)
         c.will_set(self.status_topic, self._status("lost"), qos=1, retain=True)
-        c.reconnect_delay_set(min_delay=0.2, max_delay=5)
 
         def on_connect(client, userdata, flags, reason, properties):
             if not reason.is_failure:
@@ -316,15 +336,10 @@ class ModbusSink(Sink):
         self.host, self.port, self.timeout = u.hostname or "127.0.0.1", port or 502, q.get("timeout", 1.0)
         self.try_s = 2 * self.timeout + 2 * self.pulse_s
         self.stuck_on = False  # the coil was set and the reset has not been acknowledged yet
-        try:
-            import pymodbus.client  # noqa: F401  (checked now, before the run starts)
-        except ImportError:
-            raise StfpmError("--sink modbus://...: pymodbus is not installed (pip install 'stfpm-edge[line]')") from None
+        need_line_extra("pymodbus.client", "--sink modbus://...", "pymodbus")
 
     def _open(self) -> None:
-        from pymodbus.client import ModbusTcpClient
-
-        self.client = ModbusTcpClient(self.host, port=self.port, timeout=self.timeout, retries=0, reconnect_delay=0.2, reconnect_delay_max=5.0)
+        self.client = modbus_client(self.host, self.port, self.timeout)
 
     def _write(self, value: bool) -> None:
         if not self.client.connected and not self.client.connect():
