@@ -263,18 +263,11 @@ class Capture:
                 if result[0] == "error":
                     raise result[1]
                 return result[1]
-            if self.stop.is_set():  # the read still pending: leave it to its thread, as after a stall
+            stopped = self.stop.is_set()
+            if stopped or time.perf_counter() >= deadline:  # the read still pending: leave it to its thread
                 reader.abandon()
-                abandon = getattr(self.source, "abandon", None)
-                if abandon is not None:
-                    abandon()
-                return STOPPED
-            if time.perf_counter() >= deadline:
-                reader.abandon()
-                abandon = getattr(self.source, "abandon", None)
-                if abandon is not None:  # let go of what the stuck read holds, without touching it from here
-                    abandon()
-                return STALLED
+                self.source.abandon()
+                return STOPPED if stopped else STALLED
 
     def _run(self) -> None:
         source, counters = self.source, self.counters

@@ -52,6 +52,9 @@ class Source:
     def reopen(self) -> bool:
         return False
 
+    def abandon(self) -> None:
+        """A read is stuck in this source (another thread waits in it): let go of what it holds without touching it."""
+
     def close(self) -> None:
         pass
 
