@@ -263,10 +263,15 @@ class WholePart(nn.Module):
         return F.interpolate(ex, size=size, mode="bilinear", align_corners=False)
 
     def others_distances(self) -> torch.Tensor:
-        """Every good image's cells against the other good images' (itself left out): [images, cells]."""
-        sim = torch.matmul(self.rows.permute(1, 0, 2), self.rows.permute(1, 2, 0))  # [cells, M, M]
-        sim.diagonal(dim1=1, dim2=2).fill_(-1.0)
-        return (1.0 - sim.amax(dim=2)).clamp_min(0.0).transpose(0, 1)
+        """Every good image's cells against the other good images' (itself left out): [images, cells]. One cell at a time:
+        an images x images similarity (100 MB for 5,000 images) rather than all 64 of them at once."""
+        out = torch.empty(self.rows.shape[:2])
+        for k in range(self.rows.shape[1]):
+            cell = self.rows[:, k]
+            sim = cell @ cell.T
+            sim.fill_diagonal_(-1.0)
+            out[:, k] = (1.0 - sim.amax(dim=1)).clamp_min(0.0).cpu()
+        return out
 
     def to_dict(self) -> dict:
         return {"level": self.level, "grid": self.GRID, "offset": self.offset, "gain": self.gain, "rows": int(self.rows.shape[0])}
