@@ -56,7 +56,8 @@ def reference_of(images: Iterable[np.ndarray], scores: Iterable[float] | None = 
     """The drift reference of good images (BGR uint8 at model size) and, when given, their out-of-fold scores."""
     rows = [image_stats(img) for img in images]
     ref = {q: summary_of(q, [r[q] for r in rows]) for q in IMAGE_QUANTITIES} if rows else {}
-    if scores is not None and len(list(scores)):
+    scores = [] if scores is None else list(scores)  # once: an iterator would be empty the second time
+    if scores:
         ref["score"] = summary_of("score", scores)
     return ref
 

@@ -39,7 +39,7 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 STREAM_FPS = 10.0  # frames per second sent to viewers (encoded only while someone watches)
 STREAM_WIDTH = 960  # the streamed picture is scaled down to at most this width
 GALLERY = 24
-FEEDBACK_LABELS = {"good": "good", "defect": "defect"}  # the operator's word -> the folder under feedback/
+FEEDBACK_LABELS = ("good", "defect")  # the operator's word, and the folder under feedback/ it goes to
 RAW_BYTES = 256 << 20  # the latest anomalous frames' pixels kept for feedback, at most this many bytes (the oldest go first)
 PICTURE_SUFFIXES = (".jpg", ".png")
 
@@ -127,30 +127,30 @@ class Station(Output):
             while len(self._raw) > GALLERY or (len(self._raw) > 1 and sum(v[0].nbytes for v in self._raw.values()) > RAW_BYTES):
                 self._raw.pop(next(iter(self._raw)))
 
-    def mark(self, frame: int, source: int, label: str, who: str) -> dict[str, Any]:
+    def mark(self, frame: int, source: int, label: str, who: str) -> tuple[int, dict[str, Any]]:
         """The operator's word on a flagged frame: its pixels (what the model judged: the ROI) and record to
-        ``feedback/good/`` (a false call: for ``stfpm-edge update --add-good``) or ``feedback/defect/`` (confirmed: for evaluation)."""
+        ``feedback/good/`` (a false call: for ``stfpm-edge update --add-good``) or ``feedback/defect/`` (confirmed: for evaluation).
+        Returns (HTTP status, the event or the error)."""
         from ..fileio import atomic_write_bytes, atomic_write_json
 
         if label not in FEEDBACK_LABELS:
-            return {"error": f"label must be one of {', '.join(FEEDBACK_LABELS)}"}
+            return 400, {"error": f"label must be one of {', '.join(FEEDBACK_LABELS)}"}
         with self._lock:
             kept = self._raw.get((source, frame))
         if kept is None:
-            return {"error": f"frame {frame} is not among the latest flagged frames kept ({GALLERY})"}
+            return 404, {"error": f"frame {frame} is not among the latest flagged frames kept ({GALLERY})"}
         pixels, record = kept
         stem = f"{frame:06d}" if len(self.names) <= 1 else f"s{source}-{frame:06d}"
-        folder = self.run_dir / "feedback" / FEEDBACK_LABELS[label]
         ok, png = cv2.imencode(".png", pixels)
         if not ok:
-            return {"error": "the frame could not be encoded"}
-        atomic_write_bytes(folder / f"{stem}.png", png.tobytes())
+            return 500, {"error": "the frame could not be encoded"}
+        atomic_write_bytes(self.run_dir / "feedback" / label / f"{stem}.png", png.tobytes())
         event = {"event": "feedback", "frame": frame, "source": self.names[source] if self.names else None, "label": label, "by": who,
-                 "time": time.time(), "file": str(Path("feedback") / FEEDBACK_LABELS[label] / f"{stem}.png")}
-        atomic_write_json(folder / f"{stem}.json", {**record, "feedback": event})
+                 "time": time.time(), "file": str(Path("feedback") / label / f"{stem}.png")}
+        atomic_write_json(self.run_dir / "feedback" / label / f"{stem}.json", {**record, "feedback": event})
         self.feedback.append(event)
         self.events.append(event)
-        return event
+        return 200, event
 
     def event(self, record: dict) -> None:
         if record.get("event") == "drift":  # the banner's text, per source
@@ -289,8 +289,8 @@ class Station(Output):
                 frame, source = int(body.get("frame")), int(body.get("source", 0))
             except (TypeError, ValueError):
                 return JSONResponse({"error": "frame (and source) must be numbers"}, status_code=400)
-            result = self.mark(frame, source, str(body.get("label")), _who(request))
-            return JSONResponse(result, status_code=200 if "error" not in result else 404 if "not among" in result["error"] else 400)
+            status, result = self.mark(frame, source, str(body.get("label")), _who(request))
+            return JSONResponse(result, status_code=status)
 
         async def recipe(request: Request):
             body, refused = await _posted(request, self.token, "recipe")
