@@ -91,9 +91,9 @@ class PlcHandshake(Output):
         self.last_error: str | None = None
 
     # -- the run's side ---------------------------------------------------------------------------
-    def gate(self, source: Source, stop: threading.Event, events: list) -> TriggeredSource:
-        """Wrap the run's source: it gives a frame per trigger. ``events``: the run's event records."""
-        self.source, self.events = TriggeredSource(source, stop), events
+    def gate(self, source: Source, stop: threading.Event) -> TriggeredSource:
+        """Wrap the run's source: it gives a frame per trigger (until ``stop``)."""
+        self.source = TriggeredSource(source, stop)
         return self.source
 
     def start(self) -> "PlcHandshake":

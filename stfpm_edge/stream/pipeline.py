@@ -177,7 +177,7 @@ class StreamRun:
             raise
         opts.out_dir.mkdir(parents=True, exist_ok=True)
         if opts.trigger is not None:  # a frame per PLC trigger
-            sources = self.sources = [opts.trigger.gate(sources[0], stop, [])]
+            sources = self.sources = [opts.trigger.gate(sources[0], stop)]
         self.names = [src.describe() for src in sources]
         self.per_source, self.events = [Counters() for _ in sources], []
         if self.multi:
